@@ -1,0 +1,35 @@
+"""The command line: ``freeadv_pl fit|validate|test --config configs/...yaml`` (a LightningCLI)."""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from freeadv_pl.data.base import VisionDataModule
+from freeadv_pl.modules.base import ClassifierModule, check_trainer_for_manual_optimization
+
+
+class FreeAdvCLI(LightningCLI):
+    """LightningCLI over every :class:`ClassifierModule` and :class:`VisionDataModule`.
+
+    The data's ``num_classes``, ``mean`` and ``std`` are linked into the model, so each is given once (by the
+    DataModule). Before ``fit``, Trainer settings that manual optimization cannot honour are rejected with the fix.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for name in ("num_classes", "mean", "std"):
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+
+    def before_fit(self) -> None:
+        check_trainer_for_manual_optimization(self.trainer)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run the CLI on ``args`` (``sys.argv[1:]`` when None)."""
+    FreeAdvCLI(
+        ClassifierModule,
+        VisionDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )

@@ -1,0 +1,8 @@
+"""Training algorithms, one per file, over the shared :class:`ClassifierModule`."""
+
+from freeadv_pl.modules.base import ClassifierModule
+from freeadv_pl.modules.free import FreeAdversarialModule
+from freeadv_pl.modules.natural import NaturalModule
+from freeadv_pl.modules.pgd import PGDAdversarialModule
+
+__all__ = ["ClassifierModule", "FreeAdversarialModule", "NaturalModule", "PGDAdversarialModule"]
