@@ -12,8 +12,6 @@ This module imports nothing from Lightning.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -21,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from freeadv_pl._checks import as_pixel_fraction, check_choice, check_int
+from freeadv_pl._modes import temporary_mode
 
 AttackLoss = Literal["ce", "cw"]
 ModelMode = Literal["eval", "train"]
@@ -116,7 +115,7 @@ def pgd(
     if init is not None and init.shape != x.shape:
         raise ValueError(f"init must have the shape of x {tuple(x.shape)}, got {tuple(init.shape)}")
 
-    with _attack_context(model, model_mode):
+    with temporary_mode(model, model_mode == "train"), torch.inference_mode(False), torch.enable_grad():
         # Clones made here are ordinary tensors even when x, y come from inference mode.
         x, y = x.detach().clone(), y.detach().clone()
         best = fooled = None
@@ -174,15 +173,3 @@ def _signed_step(
 def _project(x_adv: Tensor, x: Tensor, epsilon: float) -> Tensor:
     """Project onto the ε-ball around x, then onto [0, 1] (which keeps it inside the ball)."""
     return torch.min(torch.max(x_adv, x - epsilon), x + epsilon).clamp_(0.0, 1.0)
-
-
-@contextmanager
-def _attack_context(model: nn.Module, mode: ModelMode) -> Iterator[None]:
-    saved_modes = [(module, module.training) for module in model.modules()]
-    model.train(mode == "train")
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            yield
-    finally:
-        for module, training in saved_modes:
-            module.training = training

@@ -23,9 +23,10 @@ class FreeAdvCLI(LightningCLI):
         check_trainer_for_manual_optimization(self.trainer)
 
 
-def main(args: list[str] | None = None) -> None:
-    """Run the CLI on ``args`` (``sys.argv[1:]`` when None)."""
-    FreeAdvCLI(
+def build_cli(args: list[str] | None = None) -> FreeAdvCLI:
+    """Parse ``args`` (``sys.argv[1:]`` when None), run the subcommand and return the CLI (``.model``, ``.trainer``,
+    ``.datamodule``)."""
+    return FreeAdvCLI(
         ClassifierModule,
         VisionDataModule,
         subclass_mode_model=True,
@@ -33,3 +34,8 @@ def main(args: list[str] | None = None) -> None:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """The ``freeadv_pl`` console script."""
+    build_cli(args)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -60,7 +59,8 @@ class ClassifierModule(LightningModule):
         super().__init__()
         if not isinstance(backbone, nn.Module):
             raise TypeError(
-                f"backbone must be a torch.nn.Module such as freeadv_pl.models.SmallCNN(), got {type(backbone).__name__}"
+                "backbone must be a torch.nn.Module such as freeadv_pl.models.SmallCNN(), "
+                f"got {type(backbone).__name__}"
             )
         self.num_classes = check_int(num_classes, "num_classes", minimum=2)
         self.model = InputNormalization(backbone, mean, std)

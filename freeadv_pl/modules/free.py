@@ -61,7 +61,9 @@ class FreeAdversarialModule(ClassifierModule):
         super().__init__(backbone, num_classes, **kwargs)
         self.replays = check_int(replays, "replays", minimum=1)
         self.epsilon = as_pixel_fraction(epsilon, "epsilon")
-        self.step_size = self.epsilon if step_size is None else as_pixel_fraction(step_size, "step_size", allow_zero=False)
+        self.step_size = (
+            self.epsilon if step_size is None else as_pixel_fraction(step_size, "step_size", allow_zero=False)
+        )
         self._delta: Tensor | None = None
 
     @property

@@ -1,0 +1,24 @@
+"""Switching a model's train/eval mode for a while without losing per-submodule modes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+
+@contextmanager
+def temporary_mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """Put ``model`` in train (``training=True``) or eval mode, then give every submodule back its own mode.
+
+    ``model.train(was_training)`` would not do: it would also flip submodules that the user had set apart (a
+    frozen batch-norm kept in eval mode inside a model in training, say).
+    """
+    saved = [(module, module.training) for module in model.modules()]
+    model.train(training)
+    try:
+        yield
+    finally:
+        for module, was_training in saved:
+            module.training = was_training

@@ -1,0 +1,62 @@
+"""Shared test helpers: tiny models and data (STYLE.md, rule 8), a quiet CPU Trainer, and real Fashion-MNIST."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from freeadv_pl.data.fashion_mnist import DEBIAN_DIR
+
+FASHION_MNIST_AVAILABLE = (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file()
+needs_fashion_mnist = pytest.mark.skipif(
+    not FASHION_MNIST_AVAILABLE, reason="real Fashion-MNIST missing: apt-get install dataset-fashion-mnist"
+)
+
+
+def tiny_cnn(num_classes: int = 3, seed: int = 0) -> nn.Module:
+    """A conv + linear net on 1×6×6 images, deterministic on the CPU."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, num_classes)
+    )
+
+
+def tiny_dataset(n: int = 10, num_classes: int = 3, seed: int = 0) -> TensorDataset:
+    """n random 1×6×6 images in [0, 1] with labels."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 6, 6, generator=generator)
+    y = torch.randint(0, num_classes, (n,), generator=generator)
+    return TensorDataset(x, y)
+
+
+def tiny_loader(n: int = 10, batch_size: int = 4, **kwargs) -> DataLoader:
+    """A fixed-order loader; with the defaults the last batch is smaller (4, 4, 2)."""
+    return DataLoader(tiny_dataset(n, **kwargs), batch_size=batch_size, shuffle=False)
+
+
+def quiet_trainer(**kwargs) -> Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar or sanity check, overridable by ``kwargs``."""
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        max_epochs=1,
+    )
+    settings.update(kwargs)
+    return Trainer(**settings)
+
+
+@pytest.fixture
+def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run the test from an empty temporary folder (for code that writes to the working directory)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

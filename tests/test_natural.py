@@ -1,0 +1,49 @@
+"""NaturalModule against a plain PyTorch training loop; per-optimizer-step LR scheduling."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from conftest import quiet_trainer, tiny_cnn, tiny_loader
+from freeadv_pl import NaturalModule
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+def _schedule(optimizer):
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+
+
+def test_matches_a_plain_training_loop_and_steps_the_scheduler_per_optimizer_step():
+    backbone = tiny_cnn()
+    reference = copy.deepcopy(backbone)
+    module = NaturalModule(backbone, 3, optimizer=_sgd, lr_scheduler=_schedule)
+    trainer = quiet_trainer(max_epochs=2)
+    trainer.fit(module, train_dataloaders=tiny_loader())
+
+    optimizer = _sgd(reference.parameters())
+    scheduler = _schedule(optimizer)
+    for _ in range(2):
+        for x, y in tiny_loader():
+            optimizer.zero_grad()
+            F.cross_entropy(reference(x), y).backward()
+            optimizer.step()
+            scheduler.step()
+    assert trainer.global_step == 6
+    assert trainer.optimizers[0].param_groups[0]["lr"] == optimizer.param_groups[0]["lr"] == 0.1 * 0.5**3
+    for ours, theirs in zip(module.model.backbone.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_validation_and_test_log_natural_accuracy():
+    module = NaturalModule(tiny_cnn(), 3)
+    trainer = quiet_trainer()
+    trainer.fit(module, train_dataloaders=tiny_loader(), val_dataloaders=tiny_loader())
+    assert {"val/acc", "val/loss", "train/loss", "train/acc"} <= set(trainer.callback_metrics)
+    (result,) = trainer.test(module, dataloaders=tiny_loader())
+    assert 0 <= result["test/acc"] <= 1 and result["test/loss"] > 0
