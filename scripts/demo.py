@@ -15,6 +15,7 @@ import functools
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,6 +32,8 @@ PGD_STEP = 2.5 * EPSILON / 20  # Madry et al.'s rule: 2.5 ε / steps
 
 
 def _train(config: Path, extra: list[str]) -> tuple[object, float]:
+    # The CLI is given its arguments explicitly; the demo's own command line is not meant for it.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     start = time.perf_counter()
     cli = build_cli(["fit", "--config", str(config), "--trainer.default_root_dir", "outputs/demo", *extra])
     return cli, time.perf_counter() - start

@@ -32,7 +32,8 @@ class _SeededStart(PGDAdversarialModule):
 
     def initial_perturbation(self, x):
         # float32 draws as in the reference: under precision="64-true" the default dtype is float64.
-        return (torch.rand(x.shape, generator=self.generator, dtype=torch.float32) * 2 * self.epsilon - self.epsilon).to(x)
+        uniform = torch.rand(x.shape, generator=self.generator, dtype=torch.float32)
+        return (uniform * 2 * self.epsilon - self.epsilon).to(x)
 
 
 def reference_pgd_training(model, loader, *, epochs, steps, epsilon, alpha, attack_in_train_mode):
