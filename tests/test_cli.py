@@ -53,3 +53,12 @@ def test_console_script_and_module_entry_points():
         result = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert "fit" in result.stdout and "test" in result.stdout
+
+
+def test_epsilon_may_be_written_as_a_fraction(capsys, in_tmp_path):
+    free = str(CONFIGS / "fashion_mnist" / "free.yaml")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", free, "--model.init_args.epsilon", "8/255", "--print_config"])
+    assert "epsilon: 8/255" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="fraction string like '8/255', got '8/256x'"):
+        main(["fit", "--config", free, "--model.init_args.epsilon", "8/256x", "--trainer.fast_dev_run", "true"])
