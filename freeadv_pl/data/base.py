@@ -1,0 +1,113 @@
+"""The DataModule base shared by every dataset of the package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from freeadv_pl._checks import check_int
+
+
+class VisionDataModule(LightningDataModule):
+    """Images in [0, 1] (never normalized here: the model normalizes) with a seeded train/validation split.
+
+    Subclasses set the class attributes ``num_classes``, ``mean``, ``std`` and ``image_shape`` (the CLI links
+    ``num_classes``, ``mean`` and ``std`` into the model) and implement :meth:`load_split`.
+
+    Args:
+        data_dir: folder holding the dataset files (each dataset says what it looks for when None).
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size; None means ``batch_size``.
+        val_size: examples held out of the training set for validation, chosen with ``seed``; 0 validates on the
+            test split instead.
+        train_size: keep only this many training examples (after the split), for quick runs; None keeps all.
+        seed: seed of the train/validation split and of the ``train_size`` subset.
+        num_workers: DataLoader worker processes.
+        pin_memory: pin host memory for faster host-to-GPU copies.
+        drop_last: drop the last partial training batch.
+        download: allow :meth:`prepare_data` to download the dataset where there is a network.
+
+    Raises:
+        ValueError: on a negative ``val_size``, a ``train_size`` < 1 or a batch size < 1, or (in ``setup``) when
+            ``val_size`` leaves no training example.
+    """
+
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_shape: tuple[int, int, int]
+
+    def __init__(
+        self,
+        data_dir: str | Path | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        val_size: int = 5000,
+        train_size: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        download: bool = False,
+    ) -> None:
+        super().__init__()
+        self.data_dir = None if data_dir is None else Path(data_dir).expanduser()
+        self.batch_size = check_int(batch_size, "batch_size", minimum=1)
+        self.eval_batch_size = batch_size if eval_batch_size is None else check_int(eval_batch_size, "eval_batch_size", minimum=1)
+        self.val_size = check_int(val_size, "val_size", minimum=0)
+        self.train_size = None if train_size is None else check_int(train_size, "train_size", minimum=1)
+        self.seed = seed
+        self.num_workers = check_int(num_workers, "num_workers", minimum=0)
+        self.pin_memory = pin_memory
+        self.drop_last = drop_last
+        self.download = download
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def load_split(self, train: bool) -> Dataset:
+        """The full training (``train=True``) or test split, as a dataset of ``(image in [0, 1], label)``."""
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate") and self.train_set is None:
+            self._split_training_set(self.load_split(train=True))
+        if stage in ("test", "predict") or (stage in ("fit", "validate") and self.val_size == 0):
+            if self.test_set is None:
+                self.test_set = self.load_split(train=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._dataloader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._dataloader(self.val_set if self.val_size else self.test_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._dataloader(self.test_set, train=False)
+
+    def _split_training_set(self, full: Dataset) -> None:
+        total = len(full)
+        if self.val_size >= total:
+            raise ValueError(f"val_size={self.val_size} leaves no training example: the training split has {total}")
+        order = torch.randperm(total, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        train_indices = order[self.val_size :]
+        if self.train_size is not None:
+            train_indices = train_indices[: self.train_size]
+        self.train_set = Subset(full, train_indices)
+        self.val_set = Subset(full, order[: self.val_size]) if self.val_size else None
+
+    def _dataloader(self, dataset: Dataset | None, *, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train and self.drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
