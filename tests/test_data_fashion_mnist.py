@@ -102,7 +102,7 @@ def test_the_real_dataset():
     data.setup("fit")
     data.setup("test")
     assert (len(data.train_set), len(data.val_set), len(data.test_set)) == (55000, 5000, 10000)
-    images, labels = data.test_set.tensors
+    images, labels = data.test_set.dataset.tensors
     assert torch.bincount(labels).tolist() == [1000] * 10
     assert images.min() == 0 and images.max() == 1
     # The dataset's published statistics, which the model's normalization uses.

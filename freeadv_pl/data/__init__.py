@@ -1,6 +1,8 @@
 """LightningDataModules: images in [0, 1], normalization left to the model."""
 
 from freeadv_pl.data.base import VisionDataModule
+from freeadv_pl.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from freeadv_pl.data.fashion_mnist import FashionMNISTDataModule
+from freeadv_pl.data.imagenet import ImageNetDataModule
 
-__all__ = ["FashionMNISTDataModule", "VisionDataModule"]
+__all__ = ["CIFAR100DataModule", "CIFAR10DataModule", "FashionMNISTDataModule", "ImageNetDataModule", "VisionDataModule"]

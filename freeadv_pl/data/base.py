@@ -2,20 +2,45 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from freeadv_pl._checks import check_int
+
+Transform = Callable[[Any], Any]
+
+
+class TransformedSubset(Dataset):
+    """The examples ``indices`` of ``dataset``, their images (first item of each example) through ``transform``.
+
+    Training and validation examples drawn from one split share the stored data but not the transform (the
+    validation images are not augmented).
+    """
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Transform | None = None) -> None:
+        self.dataset = dataset
+        self.indices = indices
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:
+        image, label = self.dataset[self.indices[index]]
+        return (image if self.transform is None else self.transform(image)), label
 
 
 class VisionDataModule(LightningDataModule):
     """Images in [0, 1] (never normalized here: the model normalizes) with a seeded train/validation split.
 
-    Subclasses set the class attributes ``num_classes``, ``mean``, ``std`` and ``image_shape`` (the CLI links
-    ``num_classes``, ``mean`` and ``std`` into the model) and implement :meth:`load_split`.
+    Subclasses set the attributes ``num_classes``, ``mean``, ``std`` and ``image_shape`` (the CLI links
+    ``num_classes``, ``mean`` and ``std`` into the model), implement :meth:`load_split` and may override
+    :meth:`train_transform` (augmentation) and :meth:`eval_transform`.
 
     Args:
         data_dir: folder holding the dataset files (each dataset says what it looks for when None).
@@ -24,15 +49,20 @@ class VisionDataModule(LightningDataModule):
         val_size: examples held out of the training set for validation, chosen with ``seed``; 0 validates on the
             test split instead.
         train_size: keep only this many training examples (after the split), for quick runs; None keeps all.
-        seed: seed of the train/validation split and of the ``train_size`` subset.
-        num_workers: DataLoader worker processes.
+        test_size: keep only this many test examples (a seeded random subset), for quick runs; None keeps all.
+        seed: seed of the train/validation split and of the ``train_size``/``test_size`` subsets.
+        num_workers: DataLoader worker processes (persistent between epochs when > 0).
         pin_memory: pin host memory for faster host-to-GPU copies.
         drop_last: drop the last partial training batch.
         download: allow :meth:`prepare_data` to download the dataset where there is a network.
+        batch_size_is_global: ``batch_size`` and ``eval_batch_size`` are totals over all the Trainer's processes
+            (DDP): each of the ``world_size`` processes loads ``batch_size / world_size``, so a config keeps the
+            same total batch (and learning rate) on any number of GPUs. False: they are per process.
 
     Raises:
-        ValueError: on a negative ``val_size``, a ``train_size`` < 1 or a batch size < 1, or (in ``setup``) when
-            ``val_size`` leaves no training example.
+        ValueError: on a negative ``val_size``, a ``train_size``/``test_size`` < 1 or a batch size < 1; in
+            ``setup`` when ``val_size`` leaves no training example; in a dataloader when ``batch_size_is_global``
+            and the world size does not divide the batch size.
     """
 
     num_classes: int
@@ -47,11 +77,13 @@ class VisionDataModule(LightningDataModule):
         eval_batch_size: int | None = None,
         val_size: int = 5000,
         train_size: int | None = None,
+        test_size: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
         pin_memory: bool = False,
         drop_last: bool = False,
         download: bool = False,
+        batch_size_is_global: bool = False,
     ) -> None:
         super().__init__()
         self.data_dir = None if data_dir is None else Path(data_dir).expanduser()
@@ -59,11 +91,13 @@ class VisionDataModule(LightningDataModule):
         self.eval_batch_size = batch_size if eval_batch_size is None else check_int(eval_batch_size, "eval_batch_size", minimum=1)
         self.val_size = check_int(val_size, "val_size", minimum=0)
         self.train_size = None if train_size is None else check_int(train_size, "train_size", minimum=1)
+        self.test_size = None if test_size is None else check_int(test_size, "test_size", minimum=1)
         self.seed = seed
         self.num_workers = check_int(num_workers, "num_workers", minimum=0)
         self.pin_memory = pin_memory
         self.drop_last = drop_last
         self.download = download
+        self.batch_size_is_global = batch_size_is_global
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -72,12 +106,20 @@ class VisionDataModule(LightningDataModule):
         """The full training (``train=True``) or test split, as a dataset of ``(image in [0, 1], label)``."""
         raise NotImplementedError
 
+    def train_transform(self) -> Transform | None:
+        """What is applied to each training image (augmentation); None: the stored image as it is."""
+        return None
+
+    def eval_transform(self) -> Transform | None:
+        """What is applied to each validation and test image; None: the stored image as it is."""
+        return None
+
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate") and self.train_set is None:
             self._split_training_set(self.load_split(train=True))
         if stage in ("test", "predict") or (stage in ("fit", "validate") and self.val_size == 0):
             if self.test_set is None:
-                self.test_set = self.load_split(train=False)
+                self._subset_test_set(self.load_split(train=False))
 
     def train_dataloader(self) -> DataLoader:
         return self._dataloader(self.train_set, train=True)
@@ -96,15 +138,35 @@ class VisionDataModule(LightningDataModule):
         train_indices = order[self.val_size :]
         if self.train_size is not None:
             train_indices = train_indices[: self.train_size]
-        self.train_set = Subset(full, train_indices)
-        self.val_set = Subset(full, order[: self.val_size]) if self.val_size else None
+        self.train_set = TransformedSubset(full, train_indices, self.train_transform())
+        self.val_set = TransformedSubset(full, order[: self.val_size], self.eval_transform()) if self.val_size else None
+
+    def _subset_test_set(self, full: Dataset) -> None:
+        indices: Sequence[int] = range(len(full))
+        if self.test_size is not None and self.test_size < len(full):
+            generator = torch.Generator().manual_seed(self.seed)
+            indices = sorted(torch.randperm(len(full), generator=generator)[: self.test_size].tolist())
+        self.test_set = TransformedSubset(full, indices, self.eval_transform())
+
+    def _per_process(self, batch_size: int, name: str) -> int:
+        world_size = self.trainer.world_size if self.batch_size_is_global and self.trainer is not None else 1
+        if batch_size % world_size:
+            raise ValueError(
+                f"{name}={batch_size} is a total over {world_size} processes (batch_size_is_global=True) but is not "
+                f"divisible by {world_size}: set {name} to a multiple of {world_size}."
+            )
+        return batch_size // world_size
 
     def _dataloader(self, dataset: Dataset | None, *, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
         return DataLoader(
             dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
+            batch_size=(
+                self._per_process(self.batch_size, "batch_size")
+                if train
+                else self._per_process(self.eval_batch_size, "eval_batch_size")
+            ),
             shuffle=train,
             drop_last=train and self.drop_last,
             num_workers=self.num_workers,

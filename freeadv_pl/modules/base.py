@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
@@ -13,7 +13,7 @@ from torch.optim import SGD, Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 
-from freeadv_pl._checks import check_int
+from freeadv_pl._checks import check_choice, check_int
 from freeadv_pl.models.normalization import InputNormalization
 
 
@@ -27,8 +27,9 @@ class ClassifierModule(LightningModule):
 
     Images reach the module in [0, 1]; ``mean``/``std`` normalization is applied inside the model
     (:class:`~freeadv_pl.models.InputNormalization`), so perturbations are in pixel units. Every module of the
-    package uses manual optimization so that the learning-rate scheduler is stepped once per optimizer step
-    (schedules are written in optimizer steps, ``trainer.global_step``), whatever the number of steps per batch.
+    package uses manual optimization and steps the learning-rate scheduler itself: once per optimizer step by
+    default (schedules are written in optimizer steps, ``trainer.global_step``, whatever the number of steps per
+    batch), or once per training epoch with ``lr_scheduler_interval="epoch"``.
 
     Validation and test log the natural accuracy and loss (``val/acc``, ``val/loss``, ``test/acc``,
     ``test/loss``); training logs ``train/loss`` and ``train/acc`` on the inputs of the last optimizer step.
@@ -39,11 +40,15 @@ class ClassifierModule(LightningModule):
         mean: per-channel means for input normalization, or None.
         std: per-channel standard deviations for input normalization, or None.
         optimizer: a callable from parameters to an optimizer (default: :func:`default_optimizer`).
-        lr_scheduler: a callable from the optimizer to a scheduler, stepped once per optimizer step, or None.
+        lr_scheduler: a callable from the optimizer to a scheduler, or None.
+        lr_scheduler_interval: step the scheduler after every optimizer step (``"step"``: milestones count optimizer
+            steps, m per batch for Free-m) or after every training epoch (``"epoch"``: milestones count epochs, as
+            the official ImageNet code's schedule, whatever the number of GPUs or batches per epoch).
 
     Raises:
         TypeError: if ``backbone`` is not an ``nn.Module``.
-        ValueError: if ``num_classes`` < 2, on a ``ReduceLROnPlateau`` scheduler, when the first training batch is
+        ValueError: if ``num_classes`` < 2, on an unknown ``lr_scheduler_interval``, on a ``ReduceLROnPlateau``
+            scheduler, when the first training batch is
             outside [0, 1] or the backbone's logits do not have ``num_classes`` columns.
     """
 
@@ -55,6 +60,7 @@ class ClassifierModule(LightningModule):
         std: Sequence[float] | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["step", "epoch"] = "step",
     ) -> None:
         super().__init__()
         if not isinstance(backbone, nn.Module):
@@ -66,6 +72,7 @@ class ClassifierModule(LightningModule):
         self.model = InputNormalization(backbone, mean, std)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        self.lr_scheduler_interval = check_choice(lr_scheduler_interval, "lr_scheduler_interval", ("step", "epoch"))
         self.automatic_optimization = False
         self._inputs_checked = False
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
@@ -85,11 +92,13 @@ class ClassifierModule(LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer)
         if isinstance(scheduler, ReduceLROnPlateau):
             raise ValueError(
-                "lr_scheduler=ReduceLROnPlateau is not supported: the module steps its scheduler once per optimizer "
-                "step, without a metric. Use a step-indexed schedule such as MultiStepLR (milestones in optimizer "
-                "steps) or OneCycleLR."
+                "lr_scheduler=ReduceLROnPlateau is not supported: the module steps its scheduler itself, without a "
+                "metric. Use a step- or epoch-indexed schedule such as MultiStepLR or OneCycleLR."
             )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval},
+        }
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self._inputs_checked:
@@ -103,7 +112,8 @@ class ClassifierModule(LightningModule):
         self._evaluate(batch, "test", self.test_accuracy)
 
     def fit_step(self, inputs: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """One optimizer step on ``CE(model(inputs), y)``: zero the gradients, one backward, step, scheduler step.
+        """One optimizer step on ``CE(model(inputs), y)``: zero the gradients, one backward, step (and the scheduler's
+        step with ``lr_scheduler_interval="step"``).
 
         ``self.manual_backward`` (never ``loss.backward()``) keeps DDP's gradient all-reduce and AMP's loss
         scaling; gradients of other leaves of the graph (a perturbation δ) are filled by the same backward.
@@ -122,10 +132,18 @@ class ClassifierModule(LightningModule):
         optimizer.zero_grad()
         self.manual_backward(loss)
         optimizer.step()
+        if self.lr_scheduler_interval == "step":
+            self._step_lr_scheduler()
+        return loss, logits
+
+    def on_train_epoch_end(self) -> None:
+        if self.lr_scheduler_interval == "epoch":
+            self._step_lr_scheduler()
+
+    def _step_lr_scheduler(self) -> None:
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
-        return loss, logits
 
     def log_training(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
         """Log the loss and accuracy of the last optimizer step (as tensors: no host synchronisation here)."""
