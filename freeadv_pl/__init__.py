@@ -14,8 +14,8 @@ from freeadv_pl.modules import ClassifierModule, FreeAdversarialModule, NaturalM
 __version__ = "0.1.0"
 
 __all__ = [
-    "CIFAR100DataModule",
     "CIFAR10DataModule",
+    "CIFAR100DataModule",
     "ClassifierModule",
     "FashionMNISTDataModule",
     "FreeAdversarialModule",

@@ -1,4 +1,5 @@
-"""The command line: every config parses, the Fashion-MNIST configs fit, and misconfigurations are explained."""
+"""The command line: every config parses and runs its quick variant on files of the real format, and
+misconfigurations are explained."""
 
 from __future__ import annotations
 
@@ -8,13 +9,44 @@ from pathlib import Path
 
 import pytest
 
-from conftest import needs_fashion_mnist
+from dataset_files import imagenet_classes, write_cifar, write_fashion_mnist, write_image_folder
 from freeadv_pl.cli import build_cli, main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-# Files whose names start with a lowercase method name are entry points; the others are included by them.
-ENTRY_POINTS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.stem not in {"data", "backbone", "optimizer"})
-QUICK = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+# Entry points: every YAML but the shared pieces in common/ and the quick.yaml overlays.
+ENTRY_POINTS = sorted(p for p in CONFIGS.rglob("*.yaml") if "common" not in p.parts and p.name != "quick.yaml")
+FREE_FASHION_MNIST = CONFIGS / "fashion_mnist" / "free.yaml"
+QUICK = ["--config", str(CONFIGS / "fashion_mnist" / "quick.yaml")]
+
+
+def write_dataset(dataset: str, root: Path) -> None:
+    """Tiny files in the real format where each config's data.yaml looks (``./data``, relative to the run)."""
+    if dataset == "fashion_mnist":
+        write_fashion_mnist(root / "data", n_train=600, n_test=100)
+    elif dataset.startswith("cifar"):
+        write_cifar(root / "data", num_classes=int(dataset.removeprefix("cifar")))
+    else:
+        write_image_folder(root / "data" / "imagenet", imagenet_classes(1000), per_class=1, size=(40, 36))
+
+
+@pytest.fixture(scope="module")
+def dataset_root(tmp_path_factory):
+    made: dict[str, Path] = {}
+
+    def root_for(dataset: str) -> Path:
+        if dataset not in made:
+            made[dataset] = tmp_path_factory.mktemp(dataset)
+            write_dataset(dataset, made[dataset])
+        return made[dataset]
+
+    return root_for
+
+
+def test_every_dataset_folder_has_configs_and_a_quick_overlay():
+    datasets = {p.relative_to(CONFIGS).parts[0] for p in ENTRY_POINTS}
+    assert datasets == {"cifar10", "cifar100", "fashion_mnist", "imagenet"}
+    for dataset in datasets:
+        assert (CONFIGS / dataset / "quick.yaml").is_file()
 
 
 @pytest.mark.parametrize("config", ENTRY_POINTS, ids=lambda p: str(p.relative_to(CONFIGS)))
@@ -25,15 +57,21 @@ def test_every_config_parses(config, capsys):
     assert "class_path: freeadv_pl." in capsys.readouterr().out
 
 
-@needs_fashion_mnist
 @pytest.mark.parametrize("config", ENTRY_POINTS, ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_every_config_fits_briefly(config, in_tmp_path):
-    cli = build_cli(["fit", "--config", str(config), *QUICK, "--data.init_args.train_size", "512"])
-    module = cli.model
-    assert module.num_classes == cli.datamodule.num_classes == 10
+def test_every_config_runs_its_quick_variant(config, dataset_root, tmp_path, monkeypatch):
+    dataset = config.relative_to(CONFIGS).parts[0]
+    monkeypatch.chdir(dataset_root(dataset))
+    quick = CONFIGS / dataset / "quick.yaml"
+    args = ["fit", "--config", str(config), "--config", str(quick), "--trainer.default_root_dir", str(tmp_path)]
+    if dataset == "fashion_mnist":
+        args += ["--data.init_args.data_dir", "data"]  # the generated files, not the Debian package's
+    cli = build_cli(args)
+    module, data = cli.model, cli.datamodule
+    assert module.num_classes == data.num_classes
     assert module.model.mean is not None, "mean/std are linked from the data into the model"
     assert cli.trainer.global_step == 2 * getattr(module, "replays", 1)
-    assert (in_tmp_path / "lightning_logs" / "version_0" / "config.yaml").is_file()
+    assert "val/acc" in cli.trainer.callback_metrics
+    assert (tmp_path / "lightning_logs" / "version_0" / "config.yaml").is_file()
 
 
 @pytest.mark.parametrize(
@@ -45,7 +83,7 @@ def test_every_config_fits_briefly(config, in_tmp_path):
 )
 def test_manual_optimization_flags_are_rejected_with_the_fix(flag, match, in_tmp_path):
     with pytest.raises(ValueError, match=match + ".*Remove"):
-        build_cli(["fit", "--config", str(CONFIGS / "fashion_mnist" / "free.yaml"), flag, *QUICK])
+        build_cli(["fit", "--config", str(FREE_FASHION_MNIST), flag, *QUICK])
 
 
 def test_console_script_and_module_entry_points():
@@ -56,7 +94,7 @@ def test_console_script_and_module_entry_points():
 
 
 def test_epsilon_may_be_written_as_a_fraction(capsys, in_tmp_path):
-    free = str(CONFIGS / "fashion_mnist" / "free.yaml")
+    free = str(FREE_FASHION_MNIST)
     with pytest.raises(SystemExit):
         main(["fit", "--config", free, "--model.init_args.epsilon", "8/255", "--print_config"])
     assert "epsilon: 8/255" in capsys.readouterr().out

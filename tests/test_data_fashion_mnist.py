@@ -2,34 +2,14 @@
 
 from __future__ import annotations
 
-import gzip
-import struct
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from conftest import needs_fashion_mnist
+from dataset_files import write_fashion_mnist, write_idx
 from freeadv_pl import FashionMNISTDataModule
 from freeadv_pl.data.fashion_mnist import read_idx
-
-
-def write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
-    """Write ``array`` (uint8) as an IDX file: two zero bytes, type 0x08, ndim, big-endian dims, data."""
-    data = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
-    if compress:
-        path = path.with_name(path.name + ".gz")
-        data = gzip.compress(data)
-    path.write_bytes(data)
-
-
-def write_fashion_mnist(folder: Path, n_train: int = 60, n_test: int = 20, compress: bool = True) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(folder / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), compress)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8), compress)
 
 
 @pytest.mark.parametrize("compress", [True, False], ids=["gz", "plain"])

@@ -16,6 +16,8 @@ from freeadv_pl.modules.base import check_trainer_for_manual_optimization
 @pytest.mark.parametrize(
     "make, error, match",
     [
+        pytest.param(lambda: NaturalModule(tiny_cnn(), 3, lr_scheduler_interval="batch"), ValueError,
+                     "lr_scheduler_interval must be one of 'step', 'epoch', got 'batch'", id="interval"),
         pytest.param(lambda: FreeAdversarialModule(tiny_cnn(), 3, replays=0), ValueError,
                      "replays must be an integer ≥ 1, got 0", id="replays<1"),
         pytest.param(lambda: FreeAdversarialModule(tiny_cnn(), 3, replays=2.5), TypeError,

@@ -1,4 +1,4 @@
-"""NaturalModule against a plain PyTorch training loop; per-optimizer-step LR scheduling."""
+"""NaturalModule against a plain PyTorch training loop; LR scheduling per optimizer step or per epoch."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import quiet_trainer, tiny_cnn, tiny_loader
-from freeadv_pl import NaturalModule
+from freeadv_pl import FreeAdversarialModule, NaturalModule
 
 
 def _sgd(params):
@@ -38,6 +38,19 @@ def test_matches_a_plain_training_loop_and_steps_the_scheduler_per_optimizer_ste
     assert trainer.optimizers[0].param_groups[0]["lr"] == optimizer.param_groups[0]["lr"] == 0.1 * 0.5**3
     for ours, theirs in zip(module.model.backbone.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(ours, theirs)
+
+
+def test_epoch_interval_steps_the_scheduler_once_per_epoch():
+    lrs = []
+    module = FreeAdversarialModule(
+        tiny_cnn(), 3, replays=2, optimizer=_sgd, lr_scheduler=_schedule, lr_scheduler_interval="epoch"
+    )
+    module.on_train_epoch_start = lambda: lrs.append(module.optimizers().param_groups[0]["lr"])
+    trainer = quiet_trainer(max_epochs=5)
+    trainer.fit(module, train_dataloaders=tiny_loader())
+    assert trainer.global_step == 5 * 3 * 2
+    # StepLR(step_size=2, gamma=0.5) counted in epochs, whatever the 6 optimizer steps of each epoch.
+    assert lrs == [0.1, 0.1, 0.05, 0.05, 0.025]
 
 
 def test_validation_and_test_log_natural_accuracy():

@@ -5,4 +5,10 @@ from freeadv_pl.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from freeadv_pl.data.fashion_mnist import FashionMNISTDataModule
 from freeadv_pl.data.imagenet import ImageNetDataModule
 
-__all__ = ["CIFAR100DataModule", "CIFAR10DataModule", "FashionMNISTDataModule", "ImageNetDataModule", "VisionDataModule"]
+__all__ = [
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "FashionMNISTDataModule",
+    "ImageNetDataModule",
+    "VisionDataModule",
+]

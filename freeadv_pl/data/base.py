@@ -88,7 +88,9 @@ class VisionDataModule(LightningDataModule):
         super().__init__()
         self.data_dir = None if data_dir is None else Path(data_dir).expanduser()
         self.batch_size = check_int(batch_size, "batch_size", minimum=1)
-        self.eval_batch_size = batch_size if eval_batch_size is None else check_int(eval_batch_size, "eval_batch_size", minimum=1)
+        self.eval_batch_size = (
+            batch_size if eval_batch_size is None else check_int(eval_batch_size, "eval_batch_size", minimum=1)
+        )
         self.val_size = check_int(val_size, "val_size", minimum=0)
         self.train_size = None if train_size is None else check_int(train_size, "train_size", minimum=1)
         self.test_size = None if test_size is None else check_int(test_size, "test_size", minimum=1)

@@ -28,7 +28,9 @@ def read_cifar_batches(paths: list[Path], label_key: str) -> tuple[torch.Tensor,
         with open(path, "rb") as handle:
             entry: dict[str, Any] = pickle.load(handle, encoding="latin1")
         if "data" not in entry or label_key not in entry:
-            raise ValueError(f"{path} is not a CIFAR batch: expected keys 'data' and {label_key!r}, got {sorted(entry)}")
+            raise ValueError(
+                f"{path} is not a CIFAR batch: expected keys 'data' and {label_key!r}, got {sorted(entry)}"
+            )
         data = np.asarray(entry["data"], dtype=np.uint8)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(entry[label_key]):
             raise ValueError(
@@ -71,7 +73,13 @@ class _CIFARDataModule(VisionDataModule):
         if folder is None:
             raise FileNotFoundError(self._missing_message())
         with open(folder / self.meta_file, "rb") as handle:
-            self.classes = list(pickle.load(handle, encoding="latin1")[self.names_key])
+            meta = pickle.load(handle, encoding="latin1")
+        if self.names_key not in meta:
+            raise ValueError(
+                f"{folder / self.meta_file} has no {self.names_key!r} (it has {sorted(meta)}): is this "
+                f"{type(self).__name__[: -len('DataModule')]}?"
+            )
+        self.classes = list(meta[self.names_key])
         if len(self.classes) != self.num_classes:
             raise ValueError(
                 f"{folder / self.meta_file} names {len(self.classes)} classes, {type(self).__name__} expects "
