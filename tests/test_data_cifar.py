@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from urllib.error import URLError
 
 import numpy as np
 import pytest
@@ -86,12 +87,23 @@ def test_missing_files_say_where_to_put_them(tmp_path):
         CIFAR10DataModule(tmp_path).setup("fit")
 
 
+def test_a_failed_download_says_where_to_put_the_files(tmp_path, monkeypatch):
+    def offline(root, train, download):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
+    with pytest.raises(RuntimeError, match=r"could not download into .*name resolution.*cifar-100-python/.*extract"):
+        CIFAR100DataModule(tmp_path, download=True).prepare_data()
+    write_cifar(tmp_path, 100)
+    CIFAR100DataModule(tmp_path, download=True).prepare_data()  # the files are there: nothing to download
+
+
 def test_cifar10_files_are_not_taken_for_cifar100(tmp_path):
     folder = write_cifar(tmp_path, 10)
     (folder / "train").write_bytes((folder / "data_batch_1").read_bytes())
     (folder / "test").write_bytes((folder / "test_batch").read_bytes())
     (folder / "meta").write_bytes((folder / "batches.meta").read_bytes())
-    with pytest.raises(ValueError, match="has no .fine_label_names.*is this CIFAR100"):
+    with pytest.raises(ValueError, match="has no .fine_label_names.*is this CIFAR-100"):
         CIFAR100DataModule(folder).setup("fit")
 
 

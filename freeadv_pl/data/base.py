@@ -132,6 +132,15 @@ class VisionDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._dataloader(self.test_set, train=False)
 
+    def _download_with_torchvision(self, dataset_class: Callable[..., Dataset], root: Path, how_else: str) -> None:
+        """Download both splits with a torchvision dataset class; if that fails (no network), say how else to get
+        the files."""
+        try:
+            for train in (True, False):
+                dataset_class(str(root), train=train, download=True)
+        except (OSError, RuntimeError) as error:  # URLError is an OSError; torchvision's MNIST raises RuntimeError
+            raise RuntimeError(f"download=True could not download into {root}: {error}. {how_else}") from error
+
     def _split_training_set(self, full: Dataset) -> None:
         total = len(full)
         if self.val_size >= total:

@@ -45,6 +45,7 @@ def read_cifar_batches(paths: list[Path], label_key: str) -> tuple[torch.Tensor,
 class _CIFARDataModule(VisionDataModule):
     """What CIFAR-10 and CIFAR-100 share; see :class:`CIFAR10DataModule`."""
 
+    dataset_name: str
     folder: str
     archive: str
     train_files: tuple[str, ...]
@@ -65,8 +66,7 @@ class _CIFARDataModule(VisionDataModule):
             import torchvision.datasets
 
             dataset_class = getattr(torchvision.datasets, self.torchvision_class)
-            for train in (True, False):
-                dataset_class(str(self._root()), train=train, download=True)
+            self._download_with_torchvision(dataset_class, self._root(), self._missing_message())
 
     def load_split(self, train: bool) -> Dataset:
         folder = self._find()
@@ -77,12 +77,12 @@ class _CIFARDataModule(VisionDataModule):
         if self.names_key not in meta:
             raise ValueError(
                 f"{folder / self.meta_file} has no {self.names_key!r} (it has {sorted(meta)}): is this "
-                f"{type(self).__name__[: -len('DataModule')]}?"
+                f"{self.dataset_name}?"
             )
         self.classes = list(meta[self.names_key])
         if len(self.classes) != self.num_classes:
             raise ValueError(
-                f"{folder / self.meta_file} names {len(self.classes)} classes, {type(self).__name__} expects "
+                f"{folder / self.meta_file} names {len(self.classes)} classes, {self.dataset_name} has "
                 f"{self.num_classes}: is this the right dataset?"
             )
         images, labels = read_cifar_batches(
@@ -118,7 +118,7 @@ class _CIFARDataModule(VisionDataModule):
         root = self._root()
         files = ", ".join((*self.train_files, *self.test_files, self.meta_file))
         return (
-            f"{type(self).__name__[: -len('DataModule')]} not found: expected the folder {self.folder}/ with "
+            f"{self.dataset_name} not found: expected the folder {self.folder}/ with "
             f"{files} (the python version, cifar-*-python.tar.gz, extracted) in {root} or these files in {root} "
             "itself. Set download=True where there is a network, or download "
             f"https://www.cs.toronto.edu/~kriz/{self.archive} and extract it there, or set data_dir to the folder "
@@ -145,6 +145,8 @@ class CIFAR10DataModule(_CIFARDataModule):
     Raises:
         FileNotFoundError: in ``setup``, when the files are not found; the message says where to put them.
         ValueError: in ``setup``, when the files are not CIFAR-10 batches.
+        RuntimeError: in ``prepare_data``, when ``download=True`` cannot download (no network): the message says
+            where to put the files instead.
 
     Example:
         >>> data = CIFAR10DataModule(batch_size=128, val_size=0)
@@ -155,6 +157,7 @@ class CIFAR10DataModule(_CIFARDataModule):
     num_classes = 10
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
+    dataset_name = "CIFAR-10"
     folder = "cifar-10-batches-py"
     archive = "cifar-10-python.tar.gz"
     train_files = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -179,6 +182,7 @@ class CIFAR100DataModule(_CIFARDataModule):
     num_classes = 100
     mean = (0.5071, 0.4865, 0.4409)
     std = (0.2673, 0.2564, 0.2762)
+    dataset_name = "CIFAR-100"
     folder = "cifar-100-python"
     archive = "cifar-100-python.tar.gz"
     train_files = ("train",)

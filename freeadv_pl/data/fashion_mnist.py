@@ -53,6 +53,8 @@ class FashionMNISTDataModule(VisionDataModule):
 
     Raises:
         FileNotFoundError: in ``setup``, when the files are not found; the message says how to get them.
+        RuntimeError: in ``prepare_data``, when ``download=True`` cannot download (no network): the message says
+            how else to get the files.
 
     Example:
         >>> dm = FashionMNISTDataModule(batch_size=64)
@@ -69,9 +71,7 @@ class FashionMNISTDataModule(VisionDataModule):
         if self.download and (self._find(train=True) is None or self._find(train=False) is None):
             from torchvision.datasets import FashionMNIST
 
-            root = self.data_dir or Path("data")
-            for train in (True, False):
-                FashionMNIST(str(root), train=train, download=True)
+            self._download_with_torchvision(FashionMNIST, self.data_dir or Path("data"), self._missing_message(True))
 
     def load_split(self, train: bool) -> Dataset:
         paths = self._find(train)
@@ -80,7 +80,9 @@ class FashionMNISTDataModule(VisionDataModule):
         images = torch.from_numpy(read_idx(paths[0]).copy())
         labels = torch.from_numpy(read_idx(paths[1]).astype(np.int64))
         if images.ndim != 3 or len(images) != len(labels):
-            raise ValueError(f"{paths[0]} and {paths[1]} do not match: images {tuple(images.shape)}, labels {len(labels)}")
+            raise ValueError(
+                f"{paths[0]} and {paths[1]} do not match: images {tuple(images.shape)}, labels {len(labels)}"
+            )
         return TensorDataset(images.unsqueeze(1).float().div_(255), labels)
 
     def _search_dirs(self) -> list[Path]:
