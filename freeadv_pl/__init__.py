@@ -1,6 +1,7 @@
 """freeadv_pl: "Adversarial Training for Free!" (Shafahi et al., NeurIPS 2019) as PyTorch Lightning modules."""
 
 from freeadv_pl.attacks import cw_loss, fgsm, pgd
+from freeadv_pl.callbacks import RobustEvaluation
 from freeadv_pl.data import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -8,12 +9,15 @@ from freeadv_pl.data import (
     ImageNetDataModule,
     VisionDataModule,
 )
+from freeadv_pl.evaluation import ATTACK_PRESETS, AttackSpec
 from freeadv_pl.models import InputNormalization, PreActResNet18, SmallCNN, WideResNet
 from freeadv_pl.modules import ClassifierModule, FreeAdversarialModule, NaturalModule, PGDAdversarialModule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ATTACK_PRESETS",
+    "AttackSpec",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "ClassifierModule",
@@ -24,6 +28,7 @@ __all__ = [
     "NaturalModule",
     "PGDAdversarialModule",
     "PreActResNet18",
+    "RobustEvaluation",
     "SmallCNN",
     "VisionDataModule",
     "WideResNet",

@@ -1,0 +1,255 @@
+"""Robust accuracy as a first-class metric: attacks at the end of validation and test epochs, correct under DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+from torchmetrics.aggregation import SumMetric
+from typing_extensions import override
+
+from freeadv_pl._checks import as_pixel_fraction, check_int
+from freeadv_pl._modes import temporary_mode
+from freeadv_pl.evaluation import ATTACK_PRESETS, AttackSpec
+
+_PREFIX = {"validate": "val", "test": "test"}
+
+
+def _suite(attacks: str | Sequence[AttackSpec], name: str) -> tuple[AttackSpec, ...]:
+    if isinstance(attacks, str):
+        if attacks not in ATTACK_PRESETS:
+            raise ValueError(f"{name}={attacks!r} is not a preset: use one of {', '.join(ATTACK_PRESETS)} or a list")
+        return ATTACK_PRESETS[attacks]
+    suite = tuple(attacks)
+    if not suite or not all(isinstance(attack, AttackSpec) for attack in suite):
+        raise ValueError(f"{name} must be a preset name or a non-empty list of AttackSpec, got {attacks!r}")
+    keys = [attack.key for attack in suite]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{name} has attacks with the same name ({keys}): give them distinct `name`s")
+    return suite
+
+
+class RobustEvaluation(Callback):
+    """Accuracy under a suite of L∞ attacks on a fixed, seeded subset, at the end of validation and test epochs.
+
+    Logs ``val/robust/<key>`` (``test/robust/<key>`` under ``trainer.test``) for each attack, e.g.
+    ``val/robust/natural`` (clean accuracy on the same subset) and ``val/robust/pgd20``: usable as ``monitor`` in
+    ``ModelCheckpoint`` or ``EarlyStopping``. The attacks run in the model's eval mode (restored afterwards), under
+    ``torch.inference_mode(False)`` and ``torch.enable_grad()``, so they work inside ``fit`` and under
+    ``trainer.validate``/``trainer.test``; the sanity check is skipped. Under DDP the subset is split between the
+    processes with no example repeated, correct and total counts are summed over the processes, and every process
+    logs the same number. After ``trainer.test`` the results are printed as a table in the paper's layout and
+    written to ``robust_accuracy.json`` and ``.csv`` in the logger's folder.
+
+    Random starts come from a generator seeded with ``seed`` + the batch's index, the same for every attack of the
+    suite and every evaluation: successive epochs face the same starts, and a multi-restart attack's first restart
+    is the single-restart attack's start, so it is never weaker. Across different numbers of processes the batches
+    differ, so the numbers agree in distribution (exactly with ``random_start=False``).
+
+    Args:
+        attacks: the validation suite: a preset name (``"pgd20"``: natural + PGD-20 with step ε/4; ``"cifar"``:
+            the paper's natural, PGD-20, PGD-100, CW-100, 10-restart PGD-20 with step 2/255; ``"imagenet"``:
+            natural, PGD-10, PGD-50, PGD-100 with step 1/255) or a list of :class:`AttackSpec`.
+        epsilon: the L∞ radius (a float or ``"8/255"``); None takes the training module's ``epsilon`` (required
+            when the module has none, e.g. ``NaturalModule``).
+        num_samples: size of the validation subset (seeded; None: the whole validation set).
+        every_n_epochs: run at the end of every n-th validation epoch of ``fit`` (``trainer.validate`` always runs).
+        test_attacks: the suite for ``trainer.test``; None: ``attacks``.
+        test_num_samples: size of the test subset; None: the whole test set.
+        batch_size: batch size of the attacks; None: that of the validation/test loader.
+        seed: seed of the subsets and of the random starts.
+        bf16: run the attacks' forward passes under bf16 autocast. Faster on GPUs, but it weakens the gradients
+            and so the attack: off by default, and not for reported numbers.
+
+    Raises:
+        ValueError: on an unknown preset, an empty or duplicated suite, a size < 1, or (at the first evaluation)
+            when no ε is given and the module has none.
+
+    Example:
+        >>> callback = RobustEvaluation(attacks="cifar", epsilon="8/255", num_samples=1000)
+        >>> [attack.key for attack in callback.attacks]
+        ['natural', 'pgd20', 'pgd100', 'cw100', 'pgd20x10']
+    """
+
+    def __init__(
+        self,
+        attacks: str | Sequence[AttackSpec] = "pgd20",
+        epsilon: float | str | None = None,
+        num_samples: int | None = 1000,
+        every_n_epochs: int = 1,
+        test_attacks: str | Sequence[AttackSpec] | None = None,
+        test_num_samples: int | None = None,
+        batch_size: int | None = None,
+        seed: int = 0,
+        bf16: bool = False,
+    ) -> None:
+        self.attacks = _suite(attacks, "attacks")
+        self.test_attacks = self.attacks if test_attacks is None else _suite(test_attacks, "test_attacks")
+        self.epsilon = None if epsilon is None else as_pixel_fraction(epsilon, "epsilon")
+        self.num_samples = None if num_samples is None else check_int(num_samples, "num_samples", minimum=1)
+        self.test_num_samples = (
+            None if test_num_samples is None else check_int(test_num_samples, "test_num_samples", minimum=1)
+        )
+        self.every_n_epochs = check_int(every_n_epochs, "every_n_epochs", minimum=1)
+        self.batch_size = None if batch_size is None else check_int(batch_size, "batch_size", minimum=1)
+        self.seed = seed
+        self.bf16 = bf16
+        self.results: dict[str, dict[str, float]] = {}
+        self._checked = False
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Counters are made here, not in __init__, so that spawned processes do not share them (DESIGN.md, 6).
+        keys = {attack.key for attack in (*self.attacks, *self.test_attacks)}
+        self._correct = {key: SumMetric() for key in keys}
+        self._total = SumMetric()
+
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if trainer.state.fn == "fit" and (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        self._run(trainer, pl_module, "validate")
+
+    @override
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._run(trainer, pl_module, "test")
+        if trainer.is_global_zero:
+            self._report(trainer, pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"results": self.results}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.results = dict(state_dict.get("results", {}))
+
+    def _epsilon(self, pl_module: LightningModule) -> float:
+        if self.epsilon is not None:
+            return self.epsilon
+        epsilon = getattr(pl_module, "epsilon", None)
+        if epsilon is None:
+            raise ValueError(
+                f"RobustEvaluation needs an ε: {type(pl_module).__name__} has no `epsilon`. Set "
+                "RobustEvaluation(epsilon=...) (e.g. 8/255; in YAML: epsilon: 8/255)."
+            )
+        return float(epsilon)
+
+    def _loader(self, trainer: Trainer, stage: str) -> DataLoader:
+        loaders = trainer.val_dataloaders if stage == "validate" else trainer.test_dataloaders
+        if isinstance(loaders, dict):
+            loaders = next(iter(loaders.values()))
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[0]  # the first validation/test dataloader
+        dataset = loaders.dataset
+        size = self.num_samples if stage == "validate" else self.test_num_samples
+        size = len(dataset) if size is None else min(size, len(dataset))
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))
+        chosen = sorted(order[:size].tolist())
+        # Each process takes every world_size-th example: no example is counted twice (DESIGN.md, 6).
+        shard = chosen[trainer.global_rank :: trainer.world_size]
+        return DataLoader(
+            Subset(dataset, shard),
+            batch_size=self.batch_size or loaders.batch_size or 128,
+            shuffle=False,
+            num_workers=loaders.num_workers,
+            pin_memory=loaders.pin_memory,
+        )
+
+    def _run(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        suite = self.attacks if stage == "validate" else self.test_attacks
+        epsilon = self._epsilon(pl_module) if any(attack.steps for attack in suite) else 0.0
+        if pl_module.training:
+            rank_zero_warn(
+                "RobustEvaluation found the model in train mode during evaluation (something switched it back); "
+                "the attacks run it in eval mode."
+            )
+        device = pl_module.device
+        generator = torch.Generator(device=device).manual_seed(self.seed)
+        zero = torch.zeros((), device=device)
+        for metric in (*self._correct.values(), self._total):
+            metric.to(device).reset()
+            metric.update(zero)  # a process with no example still takes part in the sum
+        with temporary_mode(pl_module, training=False):
+            for batch_index, (x, y) in enumerate(self._loader(trainer, stage)):
+                x, y = x.to(device), y.to(device)
+                if not self._checked:
+                    self._sanity_checks(pl_module, x, y)
+                for attack in suite:
+                    # Every attack starts from the same random draws on a batch: a multi-restart attack's first
+                    # restart is the single-restart attack, so it is never weaker.
+                    generator.manual_seed(self.seed + batch_index)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                        x_adv = attack(pl_module, x, y, epsilon, generator)
+                        with torch.no_grad():
+                            correct = (pl_module(x_adv).argmax(dim=1) == y).sum()
+                    self._correct[attack.key].update(correct.float())
+                self._total.update(torch.tensor(float(len(y)), device=device))
+        total = self._total.compute()  # summed over the processes
+        prefix = _PREFIX[stage]
+        results = {}
+        for attack in suite:
+            accuracy = self._correct[attack.key].compute() / total
+            results[attack.key] = float(accuracy)
+            pl_module.log(f"{prefix}/robust/{attack.key}", accuracy, prog_bar=attack.steps > 0, sync_dist=False)
+        self.results[stage] = results | {"examples": int(total), "epsilon": epsilon}
+
+    def _sanity_checks(self, model: torch.nn.Module, x: Tensor, y: Tensor) -> None:
+        """AutoAttack-style checks on the first batch: probabilities as outputs, zero input gradients."""
+        self._checked = True
+        with torch.inference_mode(False), torch.enable_grad():
+            inputs = x.detach().clone().requires_grad_(True)
+            outputs = model(inputs)
+            (gradient,) = torch.autograd.grad(F.cross_entropy(outputs, y.detach().clone()), inputs)
+        outputs = outputs.detach()
+        if bool((outputs >= 0).all()) and torch.allclose(outputs.sum(dim=1), torch.ones_like(outputs[:, 0]), atol=1e-4):
+            rank_zero_warn(
+                "the model's outputs sum to one like probabilities: attacks need logits. Remove the final softmax."
+            )
+        if not bool(gradient.abs().gt(0).any()):
+            rank_zero_warn(
+                "the loss has zero gradient with respect to every input of the first batch: the model masks its "
+                "gradients (e.g. a non-differentiable step), so gradient attacks overestimate its robustness."
+            )
+
+    def _report(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        result = self.results["test"]
+        epsilon = result["epsilon"]
+        rows = [
+            {
+                "attack": attack.title,
+                "key": attack.key,
+                "accuracy": result[attack.key],
+                "description": attack.describe(epsilon),
+            }
+            for attack in self.test_attacks
+        ]
+        header = "| " + " | ".join(row["attack"] for row in rows) + " |"
+        lines = [
+            f"Accuracy (%) of {type(pl_module).__name__} on {result['examples']:,} test images:",
+            header,
+            "|" + "---|" * len(rows),
+            "| " + " | ".join(f"{100 * row['accuracy']:.2f}" for row in rows) + " |",
+            *(f"  {row['attack']}: {row['description']}" for row in rows),
+        ]
+        print("\n".join(lines), flush=True)
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "robust_accuracy.json").write_text(
+            json.dumps({"examples": result["examples"], "attacks": rows}, indent=2) + "\n"
+        )
+        with open(folder / "robust_accuracy.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["attack", "key", "accuracy", "description"])
+            writer.writeheader()
+            writer.writerows(rows)

@@ -1,0 +1,239 @@
+"""RobustEvaluation: logged and monitorable in fit, works under validate/test, agrees with torchattacks and with
+itself under 2-process DDP, restarts never help the model, and the sanity warnings fire."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchattacks
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import quiet_trainer, tiny_cnn, tiny_dataset
+from dataset_files import write_fashion_mnist
+from freeadv_pl import (
+    AttackSpec,
+    FashionMNISTDataModule,
+    FreeAdversarialModule,
+    NaturalModule,
+    RobustEvaluation,
+    SmallCNN,
+)
+
+TESTS = Path(__file__).resolve().parent
+EPSILON = 0.1
+
+
+def banded_dataset(n: int, seed: int = 0) -> TensorDataset:
+    """Random 1×6×6 images labelled by their brightest band of two rows: learnable, and breakable at ε = 0.1."""
+    x = torch.rand(n, 1, 6, 6, generator=torch.Generator().manual_seed(seed))
+    y = x.view(n, 3, 12).mean(dim=2).argmax(dim=1)
+    return TensorDataset(x, y)
+
+
+def trained_tiny_module(n: int = 256, epochs: int = 15) -> NaturalModule:
+    """A tiny CNN trained on :func:`banded_dataset`, so that the attacks have accuracy to remove."""
+    module = NaturalModule(tiny_cnn(), 3, optimizer=lambda params: torch.optim.Adam(params, lr=0.01))
+    loader = DataLoader(banded_dataset(n, seed=1), batch_size=32, shuffle=True)
+    quiet_trainer(max_epochs=epochs).fit(module, train_dataloaders=loader)
+    return module
+
+
+def test_fit_logs_robust_accuracy_every_epoch_and_a_checkpoint_monitors_it(tmp_path):
+    write_fashion_mnist(tmp_path / "data", n_train=400, n_test=50)
+    data = FashionMNISTDataModule(tmp_path / "data", batch_size=50, val_size=101)
+    module = FreeAdversarialModule(
+        SmallCNN(width=4, hidden=16), 10, replays=2, epsilon=EPSILON, mean=data.mean, std=data.std
+    )
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/robust/pgd20", mode="max")
+    trainer = quiet_trainer(
+        max_epochs=2,
+        logger=CSVLogger(tmp_path, name="logs"),
+        enable_checkpointing=True,
+        callbacks=[RobustEvaluation(num_samples=101, batch_size=40), checkpoint],
+    )
+    trainer.fit(module, datamodule=data)
+    rows = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    column = header.index("val/robust/pgd20")
+    logged = [float(row.split(",")[column]) for row in rows[1:] if row.split(",")[column]]
+    assert len(logged) == 2, "one value per epoch"
+    assert checkpoint.best_model_score.item() == pytest.approx(max(logged))
+    assert 0 <= min(logged) and max(logged) <= 1
+    natural = trainer.callback_metrics["val/robust/natural"].item()
+    assert trainer.callback_metrics["val/robust/pgd20"].item() <= natural
+    assert trainer.callbacks[0].results["validate"]["examples"] == 101
+
+
+@pytest.mark.parametrize("random_start", [False, True], ids=["shared-start", "own-starts"])
+def test_agrees_with_torchattacks_pgd(random_start):
+    module = trained_tiny_module()
+    data = banded_dataset(400, seed=2)
+    epsilon, step_size = 0.03, 0.01
+    attack = AttackSpec(steps=10, step_size=step_size, random_start=random_start)
+    callback = RobustEvaluation([AttackSpec(steps=0), attack], epsilon=epsilon, num_samples=None, batch_size=64)
+    trainer = quiet_trainer(callbacks=[callback])
+    (result,) = trainer.validate(module, DataLoader(data, batch_size=50), verbose=False)
+    ours = result["val/robust/pgd10"]
+
+    module.eval()
+    reference = torchattacks.PGD(module, eps=epsilon, alpha=step_size, steps=10, random_start=random_start)
+    torch.manual_seed(123)
+    correct = 0
+    for x, y in DataLoader(data, batch_size=64):
+        correct += int((module(reference(x, y)).argmax(dim=1) == y).sum())
+    theirs = correct / len(data)
+    assert result["val/robust/natural"] - ours > 0.2, "the attack removes accuracy (the comparison means something)"
+    assert ours > 0.1, "and leaves some (so that the two can differ)"
+    if random_start:
+        assert ours == pytest.approx(theirs, abs=0.04)
+    else:
+        assert round(ours * len(data)) == correct, "the same examples broken, from the same start δ = 0"
+
+
+def test_validate_and_test_run_under_inference_mode_and_report(tmp_path, capsys):
+    module = trained_tiny_module()
+    suite = [AttackSpec(steps=0), AttackSpec(steps=5, step_size=0.03), AttackSpec(steps=5, step_size=0.03, loss="cw")]
+    callback = RobustEvaluation(suite, epsilon=EPSILON, num_samples=30, test_num_samples=40)
+    trainer = quiet_trainer(callbacks=[callback], default_root_dir=tmp_path)
+    loader = DataLoader(banded_dataset(60, seed=3), batch_size=16)
+    (validated,) = trainer.validate(module, loader, verbose=False)
+    assert {"val/robust/natural", "val/robust/pgd5", "val/robust/cw5"} <= set(validated)
+    assert callback.results["validate"]["examples"] == 30
+    (tested,) = trainer.test(module, loader, verbose=False)
+    assert {"test/robust/natural", "test/robust/pgd5", "test/robust/cw5"} <= set(tested)
+    printed = capsys.readouterr().out
+    assert "on 40 test images" in printed and "| natural | PGD-5 | CW-5 |" in printed
+    assert "CW-5 (CW loss, ε = 0.1, step 0.03, 1 random start)" in printed
+    saved = json.loads((tmp_path / "robust_accuracy.json").read_text())
+    assert [row["key"] for row in saved["attacks"]] == ["natural", "pgd5", "cw5"]
+    assert saved["attacks"][1]["accuracy"] == pytest.approx(tested["test/robust/pgd5"])
+    assert (tmp_path / "robust_accuracy.csv").read_text().startswith("attack,key,accuracy,description")
+
+
+def test_restarts_never_do_better_than_their_first_start():
+    module = trained_tiny_module()
+    loader = DataLoader(banded_dataset(120, seed=4), batch_size=32)
+    for seed in range(3):
+        suite = [AttackSpec(steps=3, step_size=0.02), AttackSpec(steps=3, step_size=0.02, restarts=5)]
+        callback = RobustEvaluation(suite, epsilon=EPSILON, num_samples=None, seed=seed)
+        (result,) = quiet_trainer(callbacks=[callback]).validate(module, loader, verbose=False)
+        assert result["val/robust/pgd3x5"] <= result["val/robust/pgd3"]
+
+
+def test_every_n_epochs_and_the_sanity_check_are_respected(tmp_path):
+    module = FreeAdversarialModule(tiny_cnn(), 3, replays=2, epsilon=EPSILON)
+    callback = RobustEvaluation(num_samples=8, every_n_epochs=2)
+    runs = []
+    original = callback._run
+    callback._run = lambda trainer, pl_module, stage: (
+        runs.append(trainer.current_epoch) or original(trainer, pl_module, stage)
+    )
+    loader = DataLoader(tiny_dataset(16), batch_size=8)
+    trainer = quiet_trainer(max_epochs=4, num_sanity_val_steps=1, callbacks=[callback])
+    trainer.fit(module, loader, loader)
+    assert runs == [1, 3]
+
+
+class Softmax(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_cnn()
+
+    def forward(self, x):
+        return self.net(x).softmax(dim=1)
+
+
+class Masked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_cnn()
+
+    def forward(self, x):
+        return self.net((x * 4).round() / 4)  # a step function of the input: zero gradient everywhere
+
+
+@pytest.mark.parametrize(
+    "backbone, match",
+    [
+        pytest.param(Softmax, "sum to one like probabilities.*Remove the final softmax", id="probabilities"),
+        pytest.param(Masked, "zero gradient with respect to every input.*masks its gradients", id="masking"),
+    ],
+)
+def test_sanity_warnings(backbone, match):
+    module = NaturalModule(backbone(), 3)
+    callback = RobustEvaluation(num_samples=8, epsilon=EPSILON)
+    with pytest.warns(UserWarning, match=match):
+        quiet_trainer(callbacks=[callback]).validate(module, DataLoader(tiny_dataset(8), batch_size=8), verbose=False)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        pytest.param(lambda: RobustEvaluation("cifar10"), "attacks='cifar10' is not a preset: use one of", id="preset"),
+        pytest.param(lambda: RobustEvaluation([]), "non-empty list of AttackSpec", id="empty"),
+        pytest.param(lambda: RobustEvaluation([AttackSpec(), AttackSpec()]), "same name.*distinct `name`s", id="dup"),
+        pytest.param(lambda: RobustEvaluation(num_samples=0), "num_samples must be an integer ≥ 1", id="samples"),
+        pytest.param(lambda: AttackSpec(loss="l2"), "loss must be one of 'ce', 'cw', got 'l2'", id="loss"),
+        pytest.param(lambda: AttackSpec(restarts=0), "restarts must be an integer ≥ 1, got 0", id="restarts"),
+        pytest.param(lambda: AttackSpec(step_size=0), r"step_size must lie in \(0, 1\]", id="step"),
+    ],
+)
+def test_bad_arguments_name_the_fix(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_a_module_without_epsilon_needs_one():
+    callback = RobustEvaluation(num_samples=4)
+    with pytest.raises(ValueError, match="NaturalModule has no `epsilon`.*RobustEvaluation\\(epsilon=...\\)"):
+        quiet_trainer(callbacks=[callback]).validate(
+            NaturalModule(tiny_cnn(), 3), DataLoader(tiny_dataset(4), batch_size=4), verbose=False
+        )
+
+
+DDP_SCRIPT = """
+import sys
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+sys.path.insert(0, {tests!r})
+from conftest import quiet_trainer, tiny_cnn, tiny_dataset
+from freeadv_pl import AttackSpec, NaturalModule, RobustEvaluation
+
+torch.manual_seed(0)
+module = NaturalModule(tiny_cnn(), 3)
+module.load_state_dict(torch.load({weights!r}))
+suite = [AttackSpec(steps=0), AttackSpec(steps=5, step_size=0.03, random_start=False)]
+callback = RobustEvaluation(suite, epsilon=0.1, num_samples=51, batch_size=8)
+trainer = quiet_trainer(accelerator="cpu", devices={devices}, strategy={strategy!r}, callbacks=[callback])
+(result,) = trainer.validate(module, DataLoader(tiny_dataset(77, seed=5), batch_size=16), verbose=False)
+print(f"RESULT rank={{trainer.global_rank}} natural={{result['val/robust/natural']:.10f}} "
+      f"pgd5={{result['val/robust/pgd5']:.10f}} examples={{callback.results['validate']['examples']}}", flush=True)
+"""
+
+
+def _run_script(tmp_path: Path, weights: Path, devices: int, strategy: str) -> list[str]:
+    script = tmp_path / f"validate_{devices}.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(TESTS), weights=str(weights), devices=devices, strategy=strategy))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [line for line in result.stdout.splitlines() if line.startswith("RESULT")]
+
+
+def test_two_process_ddp_gives_the_one_process_number(tmp_path):
+    weights = tmp_path / "weights.pt"
+    torch.save(trained_tiny_module().state_dict(), weights)
+    (single,) = _run_script(tmp_path, weights, devices=1, strategy="auto")
+    ranks = _run_script(tmp_path, weights, devices=2, strategy="ddp")
+    assert len(ranks) == 2
+    expected = single.split(" ", 2)[2]
+    assert "examples=51" in expected, "51 examples: an odd subset split 26 + 25, nothing padded"
+    for line in ranks:
+        assert line.split(" ", 2)[2] == expected
