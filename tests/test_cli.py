@@ -71,7 +71,30 @@ def test_every_config_runs_its_quick_variant(config, dataset_root, tmp_path, mon
     assert module.model.mean is not None, "mean/std are linked from the data into the model"
     assert cli.trainer.global_step == 2 * getattr(module, "replays", 1)
     assert "val/acc" in cli.trainer.callback_metrics
+    assert {"val/robust/natural", "val/robust/pgd10" if dataset == "imagenet" else "val/robust/pgd20"} <= set(
+        cli.trainer.callback_metrics
+    ), "every config evaluates robustness each epoch"
     assert (tmp_path / "lightning_logs" / "version_0" / "config.yaml").is_file()
+    assert (tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_the_test_subcommand_prints_the_papers_table(dataset_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(dataset_root("cifar10"))
+    configs = [
+        "--config",
+        str(CONFIGS / "cifar10" / "free_m2.yaml"),
+        "--config",
+        str(CONFIGS / "cifar10" / "quick.yaml"),
+    ]
+    build_cli(["fit", *configs, "--trainer.default_root_dir", str(tmp_path / "fit")])
+    checkpoint = tmp_path / "fit" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    build_cli(["test", *configs, "--ckpt_path", str(checkpoint), "--trainer.default_root_dir", str(tmp_path / "test")])
+    printed = capsys.readouterr().out
+    assert "on 20 test images" in printed  # all of the generated test split (quick.yaml: test_size 32)
+    assert "| natural | PGD-20 | PGD-100 | CW-100 | 10-restart PGD-20 |" in printed
+    assert "PGD-20 (CE loss, ε = 8/255, step 2/255, 10 random restarts)" in printed
+    assert (tmp_path / "test" / "lightning_logs" / "version_0" / "robust_accuracy.csv").is_file()
 
 
 @pytest.mark.parametrize(
