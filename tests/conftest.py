@@ -34,6 +34,13 @@ def tiny_dataset(n: int = 10, num_classes: int = 3, seed: int = 0) -> TensorData
     return TensorDataset(x, y)
 
 
+def banded_dataset(n: int, seed: int = 0) -> TensorDataset:
+    """Random 1×6×6 images labelled by their brightest band of two rows: learnable, and breakable at ε = 0.1."""
+    x = torch.rand(n, 1, 6, 6, generator=torch.Generator().manual_seed(seed))
+    y = x.view(n, 3, 12).mean(dim=2).argmax(dim=1)
+    return TensorDataset(x, y)
+
+
 def tiny_loader(n: int = 10, batch_size: int = 4, **kwargs) -> DataLoader:
     """A fixed-order loader; with the defaults the last batch is smaller (4, 4, 2)."""
     return DataLoader(tiny_dataset(n, **kwargs), batch_size=batch_size, shuffle=False)

@@ -14,9 +14,9 @@ import torchattacks
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
-from conftest import quiet_trainer, tiny_cnn, tiny_dataset
+from conftest import banded_dataset, quiet_trainer, tiny_cnn, tiny_dataset
 from dataset_files import write_fashion_mnist
 from freeadv_pl import (
     AttackSpec,
@@ -29,13 +29,6 @@ from freeadv_pl import (
 
 TESTS = Path(__file__).resolve().parent
 EPSILON = 0.1
-
-
-def banded_dataset(n: int, seed: int = 0) -> TensorDataset:
-    """Random 1×6×6 images labelled by their brightest band of two rows: learnable, and breakable at ε = 0.1."""
-    x = torch.rand(n, 1, 6, 6, generator=torch.Generator().manual_seed(seed))
-    y = x.view(n, 3, 12).mean(dim=2).argmax(dim=1)
-    return TensorDataset(x, y)
 
 
 def trained_tiny_module(n: int = 256, epochs: int = 15) -> NaturalModule:
@@ -203,9 +196,9 @@ def test_a_module_without_epsilon_needs_one():
 DDP_SCRIPT = """
 import sys
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 sys.path.insert(0, {tests!r})
-from conftest import quiet_trainer, tiny_cnn, tiny_dataset
+from conftest import banded_dataset, quiet_trainer, tiny_cnn
 from freeadv_pl import AttackSpec, NaturalModule, RobustEvaluation
 
 torch.manual_seed(0)
@@ -214,7 +207,7 @@ module.load_state_dict(torch.load({weights!r}))
 suite = [AttackSpec(steps=0), AttackSpec(steps=5, step_size=0.03, random_start=False)]
 callback = RobustEvaluation(suite, epsilon=0.1, num_samples=51, batch_size=8)
 trainer = quiet_trainer(accelerator="cpu", devices={devices}, strategy={strategy!r}, callbacks=[callback])
-(result,) = trainer.validate(module, DataLoader(tiny_dataset(77, seed=5), batch_size=16), verbose=False)
+(result,) = trainer.validate(module, DataLoader(banded_dataset(77, seed=5), batch_size=16), verbose=False)
 print(f"RESULT rank={{trainer.global_rank}} natural={{result['val/robust/natural']:.10f}} "
       f"pgd5={{result['val/robust/pgd5']:.10f}} examples={{callback.results['validate']['examples']}}", flush=True)
 """
