@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
 from types import SimpleNamespace
 from urllib.error import URLError
 
-import numpy as np
 import pytest
 import torch
 import torchvision.datasets.cifar
@@ -14,6 +14,15 @@ from conftest import quiet_trainer
 from dataset_files import write_cifar
 from freeadv_pl import CIFAR10DataModule, CIFAR100DataModule, NaturalModule, WideResNet
 from freeadv_pl.data.cifar import read_cifar_batches
+
+def edit_batch(path, key, change) -> None:
+    """Replace ``entry[key]`` of a pickled CIFAR batch by ``change(entry[key])``."""
+    with open(path, "rb") as handle:
+        entry = pickle.load(handle, encoding="latin1")
+    entry[key] = change(entry[key])
+    with open(path, "wb") as handle:
+        pickle.dump(entry, handle, protocol=2)
+
 
 DATAMODULES = [
     pytest.param(CIFAR10DataModule, 10, "CIFAR10", id="cifar10"),
@@ -109,13 +118,7 @@ def test_cifar10_files_are_not_taken_for_cifar100(tmp_path):
 
 def test_read_cifar_batches_rejects_a_truncated_batch(tmp_path):
     folder = write_cifar(tmp_path, 10, n_train=10)
-    import pickle
-
-    with open(folder / "data_batch_1", "rb") as handle:
-        entry = pickle.load(handle, encoding="latin1")
-    entry["data"] = entry["data"][:, :100]
-    with open(folder / "data_batch_1", "wb") as handle:
-        pickle.dump(entry, handle, protocol=2)
+    edit_batch(folder / "data_batch_1", "data", lambda data: data[:, :100])
     with pytest.raises(ValueError, match="N×3072 bytes"):
         read_cifar_batches([folder / "data_batch_1"], "labels")
 
@@ -134,12 +137,6 @@ def test_global_batch_size_is_split_across_processes(tmp_path, world_size, expec
 
 def test_labels_outside_the_classes_are_rejected(tmp_path):
     folder = write_cifar(tmp_path, 10, n_train=10)
-    import pickle
-
-    with open(folder / "test_batch", "rb") as handle:
-        entry = pickle.load(handle, encoding="latin1")
-    entry["labels"] = list(np.full(len(entry["labels"]), 12))
-    with open(folder / "test_batch", "wb") as handle:
-        pickle.dump(entry, handle, protocol=2)
+    edit_batch(folder / "test_batch", "labels", lambda labels: [12] * len(labels))
     with pytest.raises(ValueError, match=r"range over \[12, 12\], expected \[0, 9\]"):
         CIFAR10DataModule(tmp_path, val_size=0).setup("test")
