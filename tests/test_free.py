@@ -104,10 +104,10 @@ def test_a_larger_batch_grows_delta_with_a_warning():
     quiet_trainer().fit(module, train_dataloaders=tiny_loader(n=4, batch_size=4))
     old = module.delta.clone()
     with pytest.warns(UserWarning, match="larger than the stored perturbation"):
-        grown = module._delta_for(torch.zeros(6, 1, 6, 6))
+        grown = module._delta.for_batch(torch.zeros(6, 1, 6, 6))
     assert grown.shape[0] == 6 and torch.equal(module.delta[:4], old) and not grown[4:].any()
     with pytest.raises(ValueError, match="input shape changed"):
-        module._delta_for(torch.zeros(2, 1, 8, 8))
+        module._delta.for_batch(torch.zeros(2, 1, 8, 8))
 
 
 def test_delta_survives_a_checkpoint(tmp_path):

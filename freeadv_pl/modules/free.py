@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from freeadv_pl._checks import as_pixel_fraction, check_int
+from freeadv_pl.modules._perturbation import StoredPerturbation
 from freeadv_pl.modules.base import ClassifierModule
-
-_CHECKPOINT_KEY = "freeadv_pl_delta"
 
 
 class FreeAdversarialModule(ClassifierModule):
@@ -64,16 +62,16 @@ class FreeAdversarialModule(ClassifierModule):
         self.step_size = (
             self.epsilon if step_size is None else as_pixel_fraction(step_size, "step_size", allow_zero=False)
         )
-        self._delta: Tensor | None = None
+        self._delta = StoredPerturbation()
 
     @property
     def delta(self) -> Tensor | None:
         """The stored perturbation δ (batch-sized), or None before the first training batch."""
-        return self._delta
+        return self._delta.tensor
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
-        delta = self._delta_for(x)  # a view of δ[:B]: writing into it updates the stored δ
+        delta = self._delta.for_batch(x)  # a view of δ[:B]: writing into it updates the stored δ
         for _ in range(self.replays):
             leaf = delta.clone().requires_grad_(True)
             loss, logits = self.fit_step(torch.clamp(x + leaf, 0.0, 1.0), y)
@@ -85,29 +83,7 @@ class FreeAdversarialModule(ClassifierModule):
         self.log_training(loss, logits, y)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self._delta is not None:
-            checkpoint[_CHECKPOINT_KEY] = self._delta.detach().cpu()
+        self._delta.save(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._delta = checkpoint.get(_CHECKPOINT_KEY)
-
-    def _delta_for(self, x: Tensor) -> Tensor:
-        batch = x.shape[0]
-        if self._delta is None:
-            self._delta = torch.zeros_like(x)
-        elif self._delta.shape[1:] != x.shape[1:]:
-            raise ValueError(
-                f"input shape changed from {tuple(self._delta.shape[1:])} to {tuple(x.shape[1:])}: the stored "
-                "perturbation δ cannot be carried over. Use one image size for the whole training."
-            )
-        if self._delta.device != x.device or self._delta.dtype != x.dtype:
-            self._delta = self._delta.to(device=x.device, dtype=x.dtype)
-        if batch > self._delta.shape[0]:
-            warnings.warn(
-                f"a batch of {batch} is larger than the stored perturbation δ ({self._delta.shape[0]}): δ grows, "
-                "with zeros for the new rows",
-                stacklevel=2,
-            )
-            extra = torch.zeros_like(x[: batch - self._delta.shape[0]])
-            self._delta = torch.cat([self._delta, extra])
-        return self._delta[:batch]
+        self._delta.load(checkpoint)
