@@ -1,7 +1,7 @@
 """freeadv_pl: "Adversarial Training for Free!" (Shafahi et al., NeurIPS 2019) as PyTorch Lightning modules."""
 
 from freeadv_pl.attacks import cw_loss, fgsm, pgd
-from freeadv_pl.callbacks import RobustEvaluation
+from freeadv_pl.callbacks import CatastrophicOverfittingGuard, RobustEvaluation
 from freeadv_pl.data import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -11,7 +11,13 @@ from freeadv_pl.data import (
 )
 from freeadv_pl.evaluation import ATTACK_PRESETS, AttackSpec
 from freeadv_pl.models import InputNormalization, PreActResNet18, SmallCNN, WideResNet
-from freeadv_pl.modules import ClassifierModule, FreeAdversarialModule, NaturalModule, PGDAdversarialModule
+from freeadv_pl.modules import (
+    ClassifierModule,
+    FastAdversarialModule,
+    FreeAdversarialModule,
+    NaturalModule,
+    PGDAdversarialModule,
+)
 
 __version__ = "0.1.0"
 
@@ -20,8 +26,10 @@ __all__ = [
     "AttackSpec",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
+    "CatastrophicOverfittingGuard",
     "ClassifierModule",
     "FashionMNISTDataModule",
+    "FastAdversarialModule",
     "FreeAdversarialModule",
     "ImageNetDataModule",
     "InputNormalization",

@@ -84,7 +84,10 @@ def test_matches_the_reference_fgsm_rs_loop(init, attack_mode):
     trainer = quiet_trainer(max_epochs=EPOCHS, precision="64-true")
     trainer.fit(module, train_dataloaders=tiny_loader())  # batches of 4, 4 and 2
     reference_delta = reference_fgsm_training(
-        reference.double(), [(x.double(), y) for x, y in tiny_loader()], init=init, epochs=EPOCHS,
+        reference.double(),
+        [(x.double(), y) for x, y in tiny_loader()],
+        init=init,
+        epochs=EPOCHS,
         step_in_train_mode=attack_mode == "train",
     )
     assert trainer.global_step == 3 * EPOCHS  # one optimizer step per batch
