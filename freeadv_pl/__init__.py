@@ -1,7 +1,7 @@
 """freeadv_pl: "Adversarial Training for Free!" (Shafahi et al., NeurIPS 2019) as PyTorch Lightning modules."""
 
 from freeadv_pl.attacks import cw_loss, fgsm, pgd
-from freeadv_pl.callbacks import CatastrophicOverfittingGuard, RobustEvaluation
+from freeadv_pl.callbacks import AdversarialExamplesLogger, CatastrophicOverfittingGuard, RobustEvaluation
 from freeadv_pl.data import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ATTACK_PRESETS",
+    "AdversarialExamplesLogger",
     "AttackSpec",
     "CIFAR10DataModule",
     "CIFAR100DataModule",

@@ -1,6 +1,7 @@
-"""Lightning callbacks: robust evaluation during and after training, a guard against catastrophic overfitting."""
+"""Lightning callbacks: robust evaluation, a guard against catastrophic overfitting, adversarial-example pictures."""
 
+from freeadv_pl.callbacks.adversarial_examples import AdversarialExamplesLogger
 from freeadv_pl.callbacks.overfitting_guard import CatastrophicOverfittingGuard
 from freeadv_pl.callbacks.robust_evaluation import RobustEvaluation
 
-__all__ = ["CatastrophicOverfittingGuard", "RobustEvaluation"]
+__all__ = ["AdversarialExamplesLogger", "CatastrophicOverfittingGuard", "RobustEvaluation"]
