@@ -1,7 +1,12 @@
 """freeadv_pl: "Adversarial Training for Free!" (Shafahi et al., NeurIPS 2019) as PyTorch Lightning modules."""
 
 from freeadv_pl.attacks import cw_loss, fgsm, pgd
-from freeadv_pl.callbacks import AdversarialExamplesLogger, CatastrophicOverfittingGuard, RobustEvaluation
+from freeadv_pl.callbacks import (
+    AdversarialExamplesLogger,
+    CatastrophicOverfittingGuard,
+    RobustEvaluation,
+    TrainingTime,
+)
 from freeadv_pl.data import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -39,6 +44,7 @@ __all__ = [
     "PreActResNet18",
     "RobustEvaluation",
     "SmallCNN",
+    "TrainingTime",
     "VisionDataModule",
     "WideResNet",
     "__version__",

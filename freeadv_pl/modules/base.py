@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
+import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -44,6 +45,10 @@ class ClassifierModule(LightningModule):
         lr_scheduler_interval: step the scheduler after every optimizer step (``"step"``: milestones count optimizer
             steps, m per batch for Free-m) or after every training epoch (``"epoch"``: milestones count epochs, as
             the official ImageNet code's schedule, whatever the number of GPUs or batches per epoch).
+        channels_last: keep the model's weights and the 4-D image batches in the channels-last memory format
+            (faster convolutions with bf16/fp16 on recent GPUs); δ follows the batch's format.
+        compile: compile the model (normalization + backbone) with ``torch.compile`` (``nn.Module.compile``: the
+            checkpoint keys do not change) at set-up; the attacks and every replay use the compiled model.
 
     Raises:
         TypeError: if ``backbone`` is not an ``nn.Module``.
@@ -61,6 +66,8 @@ class ClassifierModule(LightningModule):
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["step", "epoch"] = "step",
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(backbone, nn.Module):
@@ -73,9 +80,15 @@ class ClassifierModule(LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = check_choice(lr_scheduler_interval, "lr_scheduler_interval", ("step", "epoch"))
+        self.channels_last = channels_last
+        self.compile_model = compile
         self.automatic_optimization = False
         self._inputs_checked = False
+        self._compiled = False
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+
+    passes_per_batch: int = 1
+    """Forward/backward passes per training minibatch, the paper's unit of cost (read by ``TrainingTime``)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -84,6 +97,17 @@ class ClassifierModule(LightningModule):
         # Metrics are made here, not in __init__, so that spawned processes do not share them (DESIGN.md, 6).
         self.val_accuracy = MulticlassAccuracy(self.num_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(self.num_classes, average="micro")
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if self.compile_model and not self._compiled:
+            self.model.compile()
+            self._compiled = True
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images = batch[0] if isinstance(batch, (tuple, list)) else None
+        if self.channels_last and isinstance(images, Tensor) and images.dim() == 4:
+            batch = (images.contiguous(memory_format=torch.channels_last), *batch[1:])
+        return batch
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())

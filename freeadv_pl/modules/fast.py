@@ -73,6 +73,8 @@ class FastAdversarialModule(ClassifierModule):
         self.attack_mode = check_choice(attack_mode, "attack_mode", ("train", "eval"))
         self._previous = StoredPerturbation()
 
+    passes_per_batch = 2  # the FGSM step and the optimizer step
+
     @property
     def delta(self) -> Tensor | None:
         """With ``init="previous"``, the last batch's final δ (batch-sized); otherwise None."""

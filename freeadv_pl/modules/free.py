@@ -65,6 +65,11 @@ class FreeAdversarialModule(ClassifierModule):
         self._delta = StoredPerturbation()
 
     @property
+    def passes_per_batch(self) -> int:
+        """Forward/backward passes per minibatch: one per replay."""
+        return self.replays
+
+    @property
     def delta(self) -> Tensor | None:
         """The stored perturbation δ (batch-sized), or None before the first training batch."""
         return self._delta.tensor

@@ -64,6 +64,11 @@ class PGDAdversarialModule(ClassifierModule):
         self.random_start = random_start
         self.attack_mode = check_choice(attack_mode, "attack_mode", ("train", "eval"))
 
+    @property
+    def passes_per_batch(self) -> int:
+        """Forward/backward passes per minibatch: K for the attack, one for the optimizer step."""
+        return self.steps + 1
+
     def initial_perturbation(self, x: Tensor) -> Tensor:
         """The attack's starting δ for the batch ``x``; override it to inject another start."""
         return uniform_perturbation(x, self.epsilon) if self.random_start else torch.zeros_like(x)
