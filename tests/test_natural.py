@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
 
 from conftest import quiet_trainer, tiny_cnn, tiny_loader
 from freeadv_pl import FreeAdversarialModule, NaturalModule
@@ -60,3 +62,23 @@ def test_validation_and_test_log_natural_accuracy():
     assert {"val/acc", "val/loss", "train/loss", "train/acc"} <= set(trainer.callback_metrics)
     (result,) = trainer.test(module, dataloaders=tiny_loader())
     assert 0 <= result["test/acc"] <= 1 and result["test/loss"] > 0
+
+
+def test_training_metrics_are_logged_only_where_the_trainer_writes_them(tmp_path):
+    # 10 batches, log_every_n_steps=4: the first batch and the Trainer's writing batches 4 and 8 (1-based) are logged.
+    logged_batches = []
+    module = NaturalModule(tiny_cnn(), 3)
+    original_log = module.log
+
+    def counting_log(name, value, **kwargs):
+        if name == "train/loss":
+            logged_batches.append(module.trainer.fit_loop.epoch_loop.batch_idx)
+        original_log(name, value, **kwargs)
+
+    module.log = counting_log
+    logger = CSVLogger(tmp_path)
+    quiet_trainer(logger=logger, log_every_n_steps=4).fit(module, tiny_loader(n=40, batch_size=4))
+    assert logged_batches == [0, 3, 7]
+    header, *rows = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()
+    assert header == "epoch,step,train/acc,train/loss"
+    assert [row.split(",")[1] for row in rows] == ["3", "7"] and all(row.split(",")[3] for row in rows)

@@ -45,8 +45,9 @@ class ClassifierModule(LightningModule):
         lr_scheduler_interval: step the scheduler after every optimizer step (``"step"``: milestones count optimizer
             steps, m per batch for Free-m) or after every training epoch (``"epoch"``: milestones count epochs, as
             the official ImageNet code's schedule, whatever the number of GPUs or batches per epoch).
-        channels_last: keep the model's weights and the 4-D image batches in the channels-last memory format
-            (faster convolutions with bf16/fp16 on recent GPUs); δ follows the batch's format.
+        channels_last: keep the model's weights in the channels-last memory format (faster convolutions with
+            bf16/fp16 on recent GPUs); the first convolution gives its output that format, the layers after it keep
+            it. Images and δ stay in the batch's own format.
         compile: compile the model (normalization + backbone) with ``torch.compile`` (``nn.Module.compile``: the
             checkpoint keys do not change) at set-up; the attacks and every replay use the compiled model.
 
@@ -85,6 +86,7 @@ class ClassifierModule(LightningModule):
         self.automatic_optimization = False
         self._inputs_checked = False
         self._compiled = False
+        self._training_logged = False
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
 
     passes_per_batch: int = 1
@@ -103,12 +105,6 @@ class ClassifierModule(LightningModule):
             self.model.compile()
             self._compiled = True
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        images = batch[0] if isinstance(batch, (tuple, list)) else None
-        if self.channels_last and isinstance(images, Tensor) and images.dim() == 4:
-            batch = (images.contiguous(memory_format=torch.channels_last), *batch[1:])
-        return batch
-
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
         if self.lr_scheduler_factory is None:
@@ -123,6 +119,9 @@ class ClassifierModule(LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval},
         }
+
+    def on_train_start(self) -> None:
+        self._training_logged = False
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self._inputs_checked:
@@ -170,7 +169,14 @@ class ClassifierModule(LightningModule):
             scheduler.step()
 
     def log_training(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
-        """Log the loss and accuracy of the last optimizer step (as tensors: no host synchronisation here)."""
+        """Log the loss and accuracy of the last optimizer step, as tensors (no host synchronisation here), on the
+        first training batch of ``fit`` and on the batches whose metrics the Trainer writes (every
+        ``trainer.log_every_n_steps`` batches); between them, the progress bar and ``trainer.callback_metrics`` show
+        the last logged values. Each ``self.log`` costs Lightning's result bookkeeping, about 0.5 ms of host time: on
+        a GPU, logging every batch slowed small models' training by several percent (benchmarks/README.md)."""
+        if self._training_logged and not self.trainer._logger_connector.should_update_logs:
+            return
+        self._training_logged = True
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.log("train/acc", (logits.detach().argmax(dim=1) == y).float().mean(), prog_bar=True)
 
