@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import logging
@@ -76,8 +77,9 @@ def synthetic_batches(model: str, count: int, batch_size: int, device: str, seed
     return DataLoader(batches, batch_size=None, shuffle=False)
 
 
-def machine(device: str) -> dict[str, Any]:
-    """The device, the software versions, the date and the command line, for a results file."""
+def machine(device: str, arguments: argparse.Namespace | None = None) -> dict[str, Any]:
+    """The device, the software versions, the date, the command line and the script's parsed ``arguments`` (but
+    ``--out``), for a results file."""
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -98,6 +100,12 @@ def machine(device: str) -> dict[str, Any]:
     }
     if device == "cuda":
         info["cuda"] = torch.version.cuda
+    if arguments is not None:
+        info["arguments"] = {
+            k: v if isinstance(v, (int, float, bool, list)) else str(v)
+            for k, v in vars(arguments).items()
+            if k != "out"
+        }
     return info
 
 

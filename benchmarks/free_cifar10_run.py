@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = dict(timer.summary)
     summary["replay_passes_over_data"] = args.epochs * args.replays
     summary["images_per_s"] = summary["passes"] * args.batch_size / (60 * summary["train_minutes"])
-    info = machine(args.device)
-    info.update({k: v for k, v in vars(args).items() if k not in ("out", "device")})
+    info = machine(args.device, args)
     columns = [
         ("train_minutes", "training minutes"),
         ("fit_minutes", "minutes in fit"),

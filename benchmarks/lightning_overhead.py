@@ -166,17 +166,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "max_weight_difference_to_raw": difference,
             }
         )
-    info = machine(args.device)
-    info.update(
-        model=args.model,
-        batch_size=args.batch_size,
-        replays=args.replays,
-        precision=args.precision,
-        channels_last=args.channels_last,
-        timed_batches=args.batches,
-        warmup=args.warmup,
-        repeats=args.repeats,
-    )
+    info = machine(args.device, args)
     columns = [
         ("run", "run"),
         ("images_per_s", "minibatch images / s"),

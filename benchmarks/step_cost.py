@@ -129,16 +129,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     quiet_lightning()
     torch.manual_seed(0)
     rows = measure(args)
-    info = machine(args.device)
-    info.update(
-        model=args.model,
-        batch_size=args.batch_size,
-        precision=args.precision,
-        channels_last=args.channels_last,
-        compile=args.compile,
-        batches=args.batches,
-        rounds=args.rounds,
-    )
+    info = machine(args.device, args)
     columns = [
         ("method", "method"),
         ("passes_per_batch", "passes / batch"),
