@@ -6,6 +6,7 @@ was received and, where one exists, the fix (STYLE.md, rule 3).
 
 from __future__ import annotations
 
+import math
 import numbers
 from fractions import Fraction
 
@@ -53,6 +54,20 @@ def check_int(value: int, name: str, *, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
     return int(value)
+
+
+def check_positive(value: float, name: str) -> float:
+    """Return ``value`` as a float if it is a finite number > 0; raise naming ``name`` otherwise.
+
+    Example:
+        >>> check_positive(1, "gradient_clip_norm")
+        1.0
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number > 0, got {value!r} ({type(value).__name__})")
+    if not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:

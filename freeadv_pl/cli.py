@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from freeadv_pl.data.base import VisionDataModule
 from freeadv_pl.modules.base import ClassifierModule, check_trainer_for_manual_optimization
@@ -13,14 +18,61 @@ class FreeAdvCLI(LightningCLI):
 
     The data's ``num_classes``, ``mean`` and ``std`` are linked into the model, so each is given once (by the
     DataModule). Before ``fit``, Trainer settings that manual optimization cannot honour are rejected with the fix.
+
+    LightningCLI rebuilds the model from the hyperparameters of ``--ckpt_path``, class included, over the config's:
+    a checkpoint of another module class (a ``NaturalModule`` checkpoint with a Free-m config) would silently train
+    or test that class, and one written outside the CLI cannot be rebuilt. Both are rejected, with the fix, before
+    anything runs.
+
+    Raises:
+        ValueError: on a ``--ckpt_path`` whose module class is not the config's (or a subclass of it), or that was not
+            written by the CLI; on Trainer settings that manual optimization cannot honour.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name in ("num_classes", "mean", "std"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            _check_checkpoint_class(self.config[subcommand])
+
     def before_fit(self) -> None:
         check_trainer_for_manual_optimization(self.trainer)
+
+
+def _check_checkpoint_class(config: Any) -> None:
+    ckpt_path = config.get("ckpt_path")
+    if not ckpt_path or not Path(ckpt_path).is_file():
+        return
+    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+    configured, saved = config["model"]["class_path"], hparams.get("_class_path")
+    if not hparams or saved == configured:
+        return
+    if saved is None:
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} was not written by the freeadv_pl command line: its hyperparameters name no "
+            "model class, so LightningCLI cannot rebuild the model from them. Resume or test it from Python, e.g. "
+            "Trainer(...).fit(module, datamodule, ckpt_path=...), or pass a checkpoint of a `freeadv_pl fit` run."
+        )
+    saved_class, configured_class = _imported_class(saved), _imported_class(configured)
+    builds_the_configured_class = saved_class is not None and issubclass(saved_class, configured_class or object)
+    if not builds_the_configured_class:
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} was written by a {saved} run but the config's model is {configured}: "
+            f"LightningCLI would rebuild the checkpoint's {saved.rsplit('.', 1)[-1]} over the config. Pass the config "
+            "of the run that wrote it (config.yaml in its log folder), or a checkpoint of a "
+            f"{configured.rsplit('.', 1)[-1]} run."
+        )
+
+
+def _imported_class(class_path: str) -> type | None:
+    """The class named ``class_path`` if its module is already imported (a checkpoint's text imports nothing)."""
+    module, _, name = class_path.rpartition(".")
+    found = getattr(sys.modules.get(module), name, None)
+    return found if isinstance(found, type) else None
 
 
 def build_cli(args: list[str] | None = None) -> FreeAdvCLI:

@@ -38,7 +38,8 @@ class OverflowingLinear(nn.Module):
 def test_an_fp16_overflow_skips_the_step_and_leaves_delta_finite_and_unchanged():
     # Batches of 16, Free-2: calls 3 and 4 are the two replays of the second batch; call 3 overflows.
     backbone = OverflowingLinear(overflow_calls={3})
-    module = FreeAdversarialModule(backbone, num_classes=3, replays=2, epsilon=0.1)
+    # The overflow is in the forward pass (the loss is NaN), which "raise", the default, would stop on.
+    module = FreeAdversarialModule(backbone, num_classes=3, replays=2, epsilon=0.1, on_nonfinite_loss="skip")
     trainer = quiet_trainer(accelerator="cuda", precision="16-mixed", max_epochs=1)
     trainer.fit(module, DataLoader(banded_dataset(48), batch_size=16))
     scaler = trainer.precision_plugin.scaler

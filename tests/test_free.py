@@ -134,7 +134,9 @@ class _ExplodingNet(nn.Module):
 
 def test_a_replay_with_a_non_finite_delta_gradient_leaves_delta_unchanged():
     net = _ExplodingNet()
-    module = FreeAdversarialModule(net, 3, replays=2, epsilon=0.1, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    module = FreeAdversarialModule(
+        net, 3, replays=2, epsilon=0.1, optimizer=lambda p: torch.optim.SGD(p, lr=0.0), on_nonfinite_loss="skip"
+    )
     quiet_trainer().fit(module, train_dataloaders=tiny_loader(n=4))
     before = module.delta.clone()
     net.explode = True

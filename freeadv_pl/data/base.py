@@ -119,9 +119,9 @@ class VisionDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate") and self.train_set is None:
             self._split_training_set(self.load_split(train=True))
-        if stage in ("test", "predict") or (stage in ("fit", "validate") and self.val_size == 0):
-            if self.test_set is None:
-                self._subset_test_set(self.load_split(train=False))
+        needs_test_set = stage in ("test", "predict") or (stage in ("fit", "validate") and self.val_size == 0)
+        if needs_test_set and self.test_set is None:
+            self._subset_test_set(self.load_split(train=False))
 
     def train_dataloader(self) -> DataLoader:
         return self._dataloader(self.train_set, train=True)

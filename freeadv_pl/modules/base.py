@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -9,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import SGD, Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 
-from freeadv_pl._checks import check_choice, check_int
+from freeadv_pl._checks import check_choice, check_int, check_positive
 from freeadv_pl.models.normalization import InputNormalization
 
 
@@ -50,12 +52,32 @@ class ClassifierModule(LightningModule):
             it. Images and δ stay in the batch's own format.
         compile: compile the model (normalization + backbone) with ``torch.compile`` (``nn.Module.compile``: the
             checkpoint keys do not change) at set-up; the attacks and every replay use the compiled model.
+        gradient_clip_norm: clip the weight gradient to this L2 norm (over all parameters) before every optimizer
+            step, or None. Manual optimization cannot use ``Trainer(gradient_clip_val=...)``; this replaces it. The
+            clipping runs in ``on_before_optimizer_step``, which Lightning calls inside ``optimizer.step()`` after
+            DDP's all-reduce and, under ``precision="16-mixed"``, after the GradScaler has unscaled the gradients:
+            the bound applies to the true gradient, not the scaled one. δ's gradient is not clipped.
+        on_nonfinite_loss: what a NaN or infinite training loss does. ``"raise"``: training stops at the end of that
+            batch with a ``FloatingPointError`` naming the epoch, batch and optimizer step. ``"skip"``: that
+            optimizer step and its δ update are skipped, and each epoch's count is logged as ``train/skipped_steps``
+            (summed over processes) with a warning. Without a loss scaler, "skip" zeroes a non-finite weight gradient
+            (after DDP's all-reduce, so every process decides alike): momentum and weight decay still act on that
+            step. Under ``"16-mixed"`` the GradScaler already skips every step whose gradient is not finite (and
+            lowers its scale), so "skip" leaves those steps to it; an fp16 overflow of the scaled gradient alone
+            (finite loss) is neither raised nor counted. Cost: a device-side flag per optimizer step, no host
+            synchronisation; "raise" reads a batch's flags once, at its end (one host synchronisation per batch, as
+            the progress bar makes; one all-reduce under DDP); "skip" adds a few small kernels per parameter tensor
+            and step, and reads its count once per epoch.
 
     Raises:
         TypeError: if ``backbone`` is not an ``nn.Module``.
-        ValueError: if ``num_classes`` < 2, on an unknown ``lr_scheduler_interval``, on a ``ReduceLROnPlateau``
-            scheduler, when the first training batch is
-            outside [0, 1] or the backbone's logits do not have ``num_classes`` columns.
+        ValueError: if ``num_classes`` < 2, on an unknown ``lr_scheduler_interval`` or ``on_nonfinite_loss``, a
+            ``gradient_clip_norm`` ≤ 0, on a ``ReduceLROnPlateau`` scheduler, at set-up when the DataModule's
+            ``num_classes`` differs, when the first training batch is outside [0, 1] or has labels outside
+            [0, ``num_classes``), when the backbone's logits do not have ``num_classes`` columns, and when loading a
+            checkpoint written by another training module (e.g. a ``NaturalModule`` checkpoint into
+            ``FreeAdversarialModule``).
+        FloatingPointError: with ``on_nonfinite_loss="raise"``, at the end of a batch whose loss was not finite.
     """
 
     def __init__(
@@ -69,6 +91,8 @@ class ClassifierModule(LightningModule):
         lr_scheduler_interval: Literal["step", "epoch"] = "step",
         channels_last: bool = False,
         compile: bool = False,
+        gradient_clip_norm: float | None = None,
+        on_nonfinite_loss: Literal["raise", "skip"] = "raise",
     ) -> None:
         super().__init__()
         if not isinstance(backbone, nn.Module):
@@ -83,10 +107,16 @@ class ClassifierModule(LightningModule):
         self.lr_scheduler_interval = check_choice(lr_scheduler_interval, "lr_scheduler_interval", ("step", "epoch"))
         self.channels_last = channels_last
         self.compile_model = compile
+        self.gradient_clip_norm = (
+            None if gradient_clip_norm is None else check_positive(gradient_clip_norm, "gradient_clip_norm")
+        )
+        self.on_nonfinite_loss = check_choice(on_nonfinite_loss, "on_nonfinite_loss", ("raise", "skip"))
         self.automatic_optimization = False
         self._inputs_checked = False
         self._compiled = False
         self._training_logged = False
+        self._finite_losses: list[Tensor] = []  # one device-side flag per optimizer step of the current batch
+        self._skipped_steps: Tensor | int = 0  # with on_nonfinite_loss="skip", on the device until the epoch's end
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
 
     passes_per_batch: int = 1
@@ -96,6 +126,13 @@ class ClassifierModule(LightningModule):
         return self.model(x)
 
     def setup(self, stage: str) -> None:
+        data_classes = getattr(getattr(self._trainer, "datamodule", None), "num_classes", None)
+        if isinstance(data_classes, int) and data_classes != self.num_classes:
+            raise ValueError(
+                f"the DataModule has num_classes={data_classes} but the module has num_classes={self.num_classes}: "
+                f"pass num_classes={data_classes} to the module (the CLI links it from the data) and give the "
+                f"backbone {data_classes} outputs."
+            )
         # Metrics are made here, not in __init__, so that spawned processes do not share them (DESIGN.md, 6).
         self.val_accuracy = MulticlassAccuracy(self.num_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(self.num_classes, average="micro")
@@ -111,7 +148,7 @@ class ClassifierModule(LightningModule):
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
         if isinstance(scheduler, ReduceLROnPlateau):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004  (a valid scheduler type, unsupported here: a value error for users)
                 "lr_scheduler=ReduceLROnPlateau is not supported: the module steps its scheduler itself, without a "
                 "metric. Use a step- or epoch-indexed schedule such as MultiStepLR or OneCycleLR."
             )
@@ -122,11 +159,33 @@ class ClassifierModule(LightningModule):
 
     def on_train_start(self) -> None:
         self._training_logged = False
+        self._finite_losses = []
+        self._skipped_steps = 0
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self._inputs_checked:
             self._check_pixel_range(batch[0])
+            self._check_labels(batch[1])
             self._inputs_checked = True
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._finite_losses:
+            return
+        finite = torch.stack(self._finite_losses)
+        self._finite_losses = []
+        if self.on_nonfinite_loss == "skip":
+            self._skipped_steps = self._skipped_steps + (~finite).sum()  # stays on the device
+            return
+        # One host synchronisation per batch (and one all-reduce under DDP, so that every process stops together).
+        if not self.trainer.strategy.reduce_boolean_decision(bool(finite.all()), all=True):
+            raise FloatingPointError(self._nonfinite_loss_message(finite, batch_idx))
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        # Lightning calls this inside optimizer.step(): after DDP's all-reduce and, under 16-mixed, after unscaling.
+        if self.on_nonfinite_loss == "skip" and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            _zero_nonfinite_gradients(optimizer)
+        if self.gradient_clip_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_norm, gradient_clip_algorithm="norm")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_accuracy)
@@ -139,7 +198,9 @@ class ClassifierModule(LightningModule):
         step with ``lr_scheduler_interval="step"``).
 
         ``self.manual_backward`` (never ``loss.backward()``) keeps DDP's gradient all-reduce and AMP's loss
-        scaling; gradients of other leaves of the graph (a perturbation δ) are filled by the same backward.
+        scaling; gradients of other leaves of the graph (a perturbation δ) are filled by the same backward. Inside
+        ``optimizer.step()``, ``on_before_optimizer_step`` zeroes a non-finite weight gradient
+        (``on_nonfinite_loss="skip"``) and clips it (``gradient_clip_norm``) before the update.
 
         Returns:
             The loss and the logits, both still attached to the graph.
@@ -154,6 +215,7 @@ class ClassifierModule(LightningModule):
         loss = F.cross_entropy(logits, y)
         optimizer.zero_grad()
         self.manual_backward(loss)
+        self._finite_losses.append(torch.isfinite(loss.detach()))  # read in on_train_batch_end, not here (no sync)
         optimizer.step()
         if self.lr_scheduler_interval == "step":
             self._step_lr_scheduler()
@@ -162,6 +224,22 @@ class ClassifierModule(LightningModule):
     def on_train_epoch_end(self) -> None:
         if self.lr_scheduler_interval == "epoch":
             self._step_lr_scheduler()
+        if self.on_nonfinite_loss == "skip":
+            self._report_skipped_steps()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[_MODULE_KEY] = _lineage(type(self))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved, own = checkpoint.get(_MODULE_KEY), _lineage(type(self))
+        if saved and saved[0] not in own and own[0] not in saved:
+            written_by, loader = saved[0].rsplit(".", 1)[-1], own[0].rsplit(".", 1)[-1]
+            raise ValueError(
+                f"this checkpoint was written by {saved[0]}, not by {own[0]} (or a parent or subclass of it): its "
+                f"hyperparameters and training state belong to another training algorithm. Load it with "
+                f"{written_by}.load_from_checkpoint, or in the CLI with the config of the run that wrote it. To "
+                f"start a {loader} from its weights only, use module.load_state_dict(torch.load(path)['state_dict'])."
+            )
 
     def _step_lr_scheduler(self) -> None:
         scheduler = self.lr_schedulers()
@@ -189,11 +267,68 @@ class ClassifierModule(LightningModule):
 
     def _check_pixel_range(self, x: Tensor) -> None:
         low, high = x.min().item(), x.max().item()
+        if math.isnan(low) or math.isnan(high):
+            raise ValueError(
+                "the first training batch holds NaN pixels: training images must be in [0, 1]. Check how the dataset "
+                "reads and converts its images."
+            )
         if low < 0 or high > 1:
             raise ValueError(
                 f"training images must be in [0, 1] pixel space, got values in [{low:.3g}, {high:.3g}]. Remove any "
                 "Normalize transform from the data pipeline and pass mean/std to the module instead."
             )
+
+    def _check_labels(self, y: Tensor) -> None:
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= self.num_classes:
+            raise ValueError(
+                f"the first training batch has labels in [{low}, {high}] but num_classes={self.num_classes} (labels "
+                f"must lie in [0, {self.num_classes - 1}]): set num_classes to the data's number of classes (the CLI "
+                "links it from data.num_classes) and give the backbone as many outputs."
+            )
+
+    def _nonfinite_loss_message(self, finite: Tensor, batch_idx: int) -> str:
+        where = f"epoch {self.current_epoch}, batch_idx {batch_idx}"
+        if finite.all():
+            where += " on another process"
+        else:
+            first = int((~finite).nonzero()[0])
+            step = self.trainer.global_step - len(finite) + first
+            where += f", trainer.global_step {step} (optimizer step {first + 1} of the batch's {len(finite)})"
+        return (
+            f"the training loss is not finite (NaN or inf) at {where}. Look for NaN or inf in that batch's images, "
+            "lower the learning rate or set gradient_clip_norm; or set on_nonfinite_loss='skip' to skip such steps "
+            "(and their δ update) and count them."
+        )
+
+    def _report_skipped_steps(self) -> None:
+        skipped = torch.as_tensor(self._skipped_steps, dtype=torch.float32, device=self.device)
+        self._skipped_steps = 0
+        skipped = self.trainer.strategy.reduce(skipped, reduce_op="sum")
+        self.log("train/skipped_steps", skipped)
+        if skipped > 0:  # one host synchronisation per epoch
+            rank_zero_warn(
+                f"on_nonfinite_loss='skip': {int(skipped)} optimizer step(s) of epoch {self.current_epoch} had a "
+                "non-finite loss and were skipped (summed over processes)."
+            )
+
+
+_MODULE_KEY = "freeadv_pl_module"
+"""Checkpoint key of the classes that wrote it (most derived first), checked when a checkpoint is loaded."""
+
+
+def _lineage(module_class: type) -> list[str]:
+    return [f"{c.__module__}.{c.__qualname__}" for c in module_class.__mro__ if issubclass(c, ClassifierModule)]
+
+
+def _zero_nonfinite_gradients(optimizer: Optimizer) -> None:
+    """Zero all of ``optimizer``'s gradients if any element is NaN or inf, without a host synchronisation."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if grads:
+        # A sum is NaN or inf as soon as one of its terms is.
+        nonfinite = ~torch.isfinite(torch.stack([grad.sum() for grad in grads]).sum())
+        for grad in grads:
+            grad.masked_fill_(nonfinite, 0.0)
 
 
 def check_trainer_for_manual_optimization(trainer: Trainer) -> None:
@@ -213,5 +348,6 @@ def check_trainer_for_manual_optimization(trainer: Trainer) -> None:
     if trainer.gradient_clip_val is not None:
         raise ValueError(
             f"trainer.gradient_clip_val={trainer.gradient_clip_val} is not supported: freeadv_pl modules use manual "
-            "optimization, where Lightning does not clip gradients. Remove gradient_clip_val from the trainer."
+            "optimization, where Lightning does not clip gradients. Remove gradient_clip_val from the trainer and set "
+            f"the module's gradient_clip_norm={trainer.gradient_clip_val} instead (model.init_args.gradient_clip_norm)."
         )

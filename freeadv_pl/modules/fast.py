@@ -100,13 +100,17 @@ class FastAdversarialModule(ClassifierModule):
             init=self.initial_perturbation(x),
             model_mode=self.attack_mode,
         )
-        if self.init == "previous":
-            self._previous.for_batch(x).copy_(x_adv - x)
         loss, logits = self.fit_step(x_adv, y)
+        if self.init == "previous":
+            previous = self._previous.for_batch(x)
+            # Kept unchanged when the loss is not finite (on_nonfinite_loss="skip"), without a host synchronisation.
+            previous.copy_(torch.where(torch.isfinite(loss.detach()), x_adv - x, previous))
         self.log_training(loss, logits, y)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         self._previous.save(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         self._previous.load(checkpoint)

@@ -19,8 +19,8 @@ class FreeAdversarialModule(ClassifierModule):
     Per replay (Algorithm 2): ``x_adv = clamp(x + δ[:B], 0, 1)``; ``loss = CE(f(x_adv), y)``; one backward;
     the optimizer steps with the weight gradient; ``δ ← clip(δ + step_size · sign(∇_δ loss), -ε, ε)`` with the
     gradient taken at the same point as the weight gradient. δ is kept across minibatches and epochs; a smaller
-    last batch uses and updates ``δ[:B]``. A replay whose δ-gradient is not finite (an fp16 overflow) leaves δ
-    unchanged.
+    last batch uses and updates ``δ[:B]``. A replay whose δ-gradient (an fp16 overflow) or loss is not finite leaves
+    δ unchanged.
 
     The budget rule: m replays cost m forward/backward passes per batch, so Free-m trained for N/m epochs costs
     what natural training does in N epochs. ``trainer.global_step`` counts optimizer steps (m per batch), and the
@@ -84,11 +84,13 @@ class FreeAdversarialModule(ClassifierModule):
                 grad = leaf.grad
                 stepped = (leaf + self.step_size * grad.sign()).clamp_(-self.epsilon, self.epsilon)
                 # torch.where instead of an `if`: skipping a non-finite replay costs no host synchronisation.
-                delta.copy_(torch.where(torch.isfinite(grad).all(), stepped, leaf))
+                delta.copy_(torch.where(torch.isfinite(grad).all() & torch.isfinite(loss), stepped, leaf))
         self.log_training(loss, logits, y)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         self._delta.save(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         self._delta.load(checkpoint)
