@@ -1,0 +1,72 @@
+"""Smoke tests: each benchmark script runs on a tiny size (performance targets live in the benchmarks, not here)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import free_cifar10_run  # benchmarks/ is a folder of scripts, not a package
+import lightning_overhead
+import step_cost
+
+
+def test_step_cost_runs_on_a_tiny_size(tmp_path):
+    rows = step_cost.main(
+        ["--batches", "3", "--rounds", "1", "--batch-size", "4", "--replays", "2", "--out", str(tmp_path / "step_cost")]
+    )
+    assert [row["method"] for row in rows] == ["natural", "Free-2", "PGD-3", "PGD-7", "FGSM-RS"]
+    assert [row["passes_per_batch"] for row in rows] == [1, 2, 4, 8, 2]
+    assert all(row["step_ms"] > 0 for row in rows) and rows[0]["step_ratio"] == 1.0
+    saved = json.loads((tmp_path / "step_cost.json").read_text())
+    assert saved["machine"]["arguments"]["batch_size"] == 4 and len(saved["rows"]) == 5
+    assert "| Free-2 | 2 |" in (tmp_path / "step_cost.md").read_text()
+
+
+def test_lightning_overhead_runs_on_a_tiny_size_and_both_loops_agree(tmp_path):
+    rows = lightning_overhead.main(
+        [
+            "--batch-size",
+            "4",
+            "--replays",
+            "2",
+            "--warmup",
+            "1",
+            "--batches",
+            "2",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path / "overhead"),
+        ]
+    )
+    assert rows[0]["run"] == "raw PyTorch loop" and len(rows) == 3
+    # The module and the plain loop compute the same weights (the benchmark's own check, here asserted).
+    assert all(row["max_weight_difference_to_raw"] < 1e-6 for row in rows)
+    assert (tmp_path / "overhead.md").is_file()
+
+
+def test_the_whole_run_script_runs_on_a_tiny_size(tmp_path):
+    summary = free_cifar10_run.main(
+        [
+            "--device",
+            "cpu",
+            "--precision",
+            "32-true",
+            "--epochs",
+            "1",
+            "--train-size",
+            "32",
+            "--batch-size",
+            "16",
+            "--replays",
+            "2",
+            "--workers",
+            "0",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert summary["optimizer_steps"] == 4 and summary["passes"] == 4 and summary["batches"] == 2
+    assert (tmp_path / "run.json").is_file()
