@@ -6,8 +6,11 @@ import json
 import sys
 from pathlib import Path
 
+from conftest import needs_fashion_mnist
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import free_cifar10_run  # benchmarks/ is a folder of scripts, not a package
+import accuracy_vs_time  # benchmarks/ is a folder of scripts, not a package
+import free_cifar10_run
 import lightning_overhead
 import step_cost
 
@@ -70,3 +73,40 @@ def test_the_whole_run_script_runs_on_a_tiny_size(tmp_path):
     )
     assert summary["optimizer_steps"] == 4 and summary["passes"] == 4 and summary["batches"] == 2
     assert (tmp_path / "run.json").is_file()
+
+
+@needs_fashion_mnist
+def test_accuracy_vs_time_runs_on_a_tiny_size(tmp_path):
+    out = tmp_path / "accuracy"
+    rows = accuracy_vs_time.main(
+        [
+            "--train-size",
+            "256",
+            "--val-size",
+            "128",
+            "--val-eval-size",
+            "32",
+            "--test-size",
+            "32",
+            "--lr-grid",
+            "0.05",
+            "--out",
+            str(out),
+        ]
+    )
+    assert [row["method"] for row in rows] == [
+        "natural",
+        "Free-2",
+        "Free-4",
+        "Free-8",
+        "PGD-7",
+        "PGD-7, natural's cost",
+        "FGSM-RS",
+    ]
+    # The budget rule in the numbers: every row but the N-epoch PGD-7 costs natural training's passes.
+    passes = {row["method"]: row["passes"] for row in rows}
+    assert passes["PGD-7"] == 8 * passes["natural"] and passes["Free-8"] == passes["FGSM-RS"] == passes["natural"]
+    assert all(0 <= row[key] <= 100 for row in rows for key in ("natural", "PGD-20", "CW-20"))
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["machine"]["attacks"]["PGD-20"] == "PGD-20 (CE loss, ε = 0.1, step 0.025, 1 random start)"
+    assert out.with_suffix(".png").stat().st_size > 10_000 and out.with_suffix(".md").is_file()
