@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 
 import pytest
 import torch
@@ -50,16 +49,11 @@ def _collapsing_module():
     return _CollapsingModule(tiny_cnn(), 3, optimizer=optimizer)
 
 
-def test_fires_on_a_collapse_stops_and_restores_the_best_weights(caplog):
+def test_fires_on_a_collapse_stops_and_restores_the_best_weights(lightning_log):
     module = _collapsing_module()
     guard = CatastrophicOverfittingGuard(epsilon=0.01, threshold=0.2)
     recorder = _Recorder()
-    lightning_logger = logging.getLogger("lightning.pytorch")  # does not propagate to the root logger
-    lightning_logger.addHandler(caplog.handler)
-    try:
-        trainer = _fit(module, guard, recorder)
-    finally:
-        lightning_logger.removeHandler(caplog.handler)
+    trainer = _fit(module, guard, recorder)
     assert len(guard.history) == COLLAPSE_EPOCH + 1, "the guard stops the training at the epoch of the collapse"
     assert trainer.current_epoch == COLLAPSE_EPOCH + 1 and trainer.should_stop
     assert guard.fired_epoch == COLLAPSE_EPOCH and guard.best_epoch < COLLAPSE_EPOCH
@@ -68,7 +62,7 @@ def test_fires_on_a_collapse_stops_and_restores_the_best_weights(caplog):
         torch.testing.assert_close(module.state_dict()[key], value, rtol=0, atol=0)
     assert trainer.callback_metrics["guard/best_robust_acc"] == pytest.approx(guard.best_accuracy)
     assert trainer.callback_metrics["guard/robust_acc"] == pytest.approx(guard.history[-1])
-    assert f"catastrophic overfitting at epoch {COLLAPSE_EPOCH}: PGD-5 accuracy" in caplog.text
+    assert f"catastrophic overfitting at epoch {COLLAPSE_EPOCH}: PGD-5 accuracy" in lightning_log.text
 
 
 def test_without_restore_best_the_weights_stay_and_training_still_stops():

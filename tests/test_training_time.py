@@ -3,7 +3,6 @@ time and carries its totals across a resume; the channels-last and compile fast 
 
 from __future__ import annotations
 
-import logging
 
 import pytest
 import torch
@@ -27,14 +26,10 @@ BATCHES = 3  # tiny_loader(): 10 images in batches of 4, 4, 2
     ],
     ids=["natural", "free-3", "pgd-2", "fgsm-rs"],
 )
-def test_it_counts_passes_and_optimizer_steps_per_module(make_module, passes, steps, caplog):
+def test_it_counts_passes_and_optimizer_steps_per_module(make_module, passes, steps, lightning_log):
     callback = TrainingTime()
     trainer = quiet_trainer(max_epochs=2, callbacks=[callback])
-    logging.getLogger("lightning.pytorch").addHandler(caplog.handler)
-    try:
-        trainer.fit(make_module(), tiny_loader(), tiny_loader())
-    finally:
-        logging.getLogger("lightning.pytorch").removeHandler(caplog.handler)
+    trainer.fit(make_module(), tiny_loader(), tiny_loader())
     summary = callback.summary
     assert summary["batches"] == 2 * BATCHES
     assert summary["passes"] == 2 * BATCHES * passes and summary["passes_per_batch"] == passes
@@ -42,7 +37,7 @@ def test_it_counts_passes_and_optimizer_steps_per_module(make_module, passes, st
     assert summary["train_minutes"] > 0 and summary["validation_minutes"] > 0
     assert summary["fit_minutes"] >= summary["train_minutes"] + summary["validation_minutes"]
     assert trainer.callback_metrics["time/passes"].item() == 2 * BATCHES * passes
-    assert f"{2 * BATCHES * passes} forward/backward passes ({passes} per minibatch)" in caplog.text
+    assert f"{2 * BATCHES * passes} forward/backward passes ({passes} per minibatch)" in lightning_log.text
 
 
 def test_validation_time_is_not_training_time():
