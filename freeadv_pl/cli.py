@@ -22,7 +22,8 @@ class FreeAdvCLI(LightningCLI):
     LightningCLI rebuilds the model from the hyperparameters of ``--ckpt_path``, class included, over the config's:
     a checkpoint of another module class (a ``NaturalModule`` checkpoint with a Free-m config) would silently train
     or test that class, and one written outside the CLI cannot be rebuilt. Both are rejected, with the fix, before
-    anything runs.
+    anything runs. This check reads the checkpoint with ``torch.load(..., weights_only=True)``; Lightning's own
+    loading uses PyTorch's default, ``weights_only=True`` since torch 2.6 (``--weights_only true`` forces it before).
 
     Raises:
         ValueError: on a ``--ckpt_path`` whose module class is not the config's (or a subclass of it), or that was not

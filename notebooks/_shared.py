@@ -134,12 +134,13 @@ def checkpoint_path(method: str, replays: int = 1) -> Path:
 def train_or_load(method: str, replays: int = 1) -> Trained:
     """The recipe's model (``"natural"`` or ``"free"`` with ``replays`` = m), from the cache or trained now with a
     Lightning Trainer for exactly ``SETTINGS.budget`` optimizer steps (Free-m: budget/m minibatches), then cached.
-    The module is returned in eval mode."""
+    The module is returned in eval mode. A cached checkpoint is read with ``torch.load(..., weights_only=True)``
+    (it holds tensors and plain Python values only; PyTorch's restricted unpickler rejects anything else)."""
     path = checkpoint_path(method, replays)
     info_path = path.with_suffix(".json")
     module = _module(method, replays)
     if path.is_file() and info_path.is_file():
-        module.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
+        module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
         info = json.loads(info_path.read_text())
         return Trained(module.eval(), info["steps"], info["epochs"], info["seconds"], cached=True)
     seed_everything(SETTINGS.seed, verbose=False)

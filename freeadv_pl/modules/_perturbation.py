@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import warnings
 from typing import Any
 
 import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 CHECKPOINT_KEY = "freeadv_pl_delta"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # δ has the images' (floating) dtype
 
 
 class StoredPerturbation:
@@ -17,6 +23,15 @@ class StoredPerturbation:
     A plain tensor, not a registered buffer: DDP broadcasts buffers from rank 0, and each rank must keep its own δ
     (DESIGN.md, invariant 2). Allocated as zeros at the first batch, on the batch's device and dtype; a smaller
     last batch uses ``δ[:B]``; a larger batch grows δ with zero rows and a warning.
+
+    In a checkpoint, ``checkpoint["freeadv_pl_delta"] = {"world_size": W, "per_rank": [δ_0, ..., δ_{W-1}]}`` holds
+    every process's δ (CPU tensors; None for a process without δ yet; the key is absent while no process has one).
+    Lightning builds the checkpoint on every process and only rank 0 writes it, so :meth:`save` gathers the δ of
+    all processes, whatever their batch sizes: it must run on all of them, as ``Trainer.save_checkpoint`` does. For
+    a moment this holds W copies of δ in each process's device memory. On resume, process r takes back ``δ_r``.
+    Resuming with another number of processes warns: process r takes ``δ_r`` where it exists and otherwise starts
+    from δ = 0; the δ of processes beyond the new number are not used. A checkpoint written before δ was saved per
+    process holds one tensor: it counts as the δ of a one-process run.
     """
 
     def __init__(self) -> None:
@@ -44,11 +59,66 @@ class StoredPerturbation:
             self.tensor = torch.cat([self.tensor, extra])
         return self.tensor[:batch]
 
-    def save(self, checkpoint: dict[str, Any]) -> None:
-        """Put δ (on the CPU) into a checkpoint dictionary, if it exists yet."""
-        if self.tensor is not None:
-            checkpoint[CHECKPOINT_KEY] = self.tensor.detach().cpu()
+    def save(self, checkpoint: dict[str, Any], trainer: Trainer) -> None:
+        """Put every process's δ (on the CPU) into a checkpoint dictionary, if any process has one yet.
 
-    def load(self, checkpoint: dict[str, Any]) -> None:
-        """Take δ back from a checkpoint dictionary (None if it holds none); it moves to the batch's device lazily."""
-        self.tensor = checkpoint.get(CHECKPOINT_KEY)
+        Under several processes this is a collective call: every process must make it (``on_save_checkpoint``).
+        """
+        if trainer.world_size > 1:
+            per_rank = _gather(self.tensor, trainer)
+        else:
+            per_rank = [None if self.tensor is None else self.tensor.detach().to("cpu", copy=True)]
+        if any(delta is not None for delta in per_rank):
+            checkpoint[CHECKPOINT_KEY] = {"world_size": len(per_rank), "per_rank": per_rank}
+
+    def load(self, checkpoint: dict[str, Any], trainer: Trainer | None) -> None:
+        """Take this process's δ back from a checkpoint dictionary (None if it holds none for this process); it moves
+        to the batch's device lazily. Another number of processes warns only in ``fit``, where δ matters; without a
+        trainer (``load_from_checkpoint``) this is rank 0's δ."""
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved is None:
+            self.tensor = None
+            return
+        per_rank = [saved] if isinstance(saved, Tensor) else saved["per_rank"]
+        rank = 0 if trainer is None else trainer.global_rank
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING and trainer.world_size != len(per_rank):
+            rank_zero_warn(_world_size_message(len(per_rank), trainer.world_size))
+        self.tensor = per_rank[rank] if rank < len(per_rank) else None
+
+
+def _gather(tensor: Tensor | None, trainer: Trainer) -> list[Tensor | None]:
+    """Every process's δ, on every process (on the CPU; None where a process has none).
+
+    ``all_gather`` needs one shape on all processes, so three of them: each δ's number of dimensions and dtype, its
+    shape, then the values, flattened and zero-padded to the largest δ, in the widest dtype (an exact conversion).
+    """
+    strategy, device = trainer.strategy, trainer.strategy.root_device
+    ndim, code = (0, -1) if tensor is None else (tensor.dim(), _DTYPES.index(tensor.dtype))
+    infos = strategy.all_gather(torch.tensor([ndim, code], device=device)).tolist()
+    width = max(rank_ndim for rank_ndim, _ in infos)
+    if width == 0:
+        return [None] * len(infos)
+    shape = [0] * width if tensor is None else [*tensor.shape, *[0] * (width - ndim)]
+    gathered_shapes = strategy.all_gather(torch.tensor(shape, device=device)).tolist()
+    shapes = [row[:rank_ndim] for row, (rank_ndim, _) in zip(gathered_shapes, infos, strict=True)]
+    sizes = [math.prod(rank_shape) if rank_shape else 0 for rank_shape in shapes]
+    dtype = functools.reduce(torch.promote_types, (_DTYPES[rank_code] for _, rank_code in infos if rank_code >= 0))
+    flat = torch.zeros(max(sizes), dtype=dtype, device=device)
+    if tensor is not None:
+        flat[: tensor.numel()] = tensor.detach().reshape(-1).to(dtype)
+    values = strategy.all_gather(flat).cpu()
+    return [
+        values[rank, :size].reshape(rank_shape).to(_DTYPES[rank_code], copy=True) if rank_shape else None
+        for rank, (rank_shape, size, (_, rank_code)) in enumerate(zip(shapes, sizes, infos, strict=True))
+    ]
+
+
+def _world_size_message(saved: int, current: int) -> str:
+    if saved < current:
+        effect = f"process r takes back δ_r for r < {saved} and starts from δ = 0 for r ≥ {saved}"
+    else:
+        effect = f"process r takes back δ_r for r < {current}; δ_r for r ≥ {current} is not used"
+    return (
+        f"the checkpoint holds the perturbation δ_r of {saved} process(es) but this run has {current}: {effect}. "
+        f"For an exact continuation, resume with {saved} process(es) (devices × num_nodes)."
+    )

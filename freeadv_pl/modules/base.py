@@ -238,7 +238,8 @@ class ClassifierModule(LightningModule):
                 f"this checkpoint was written by {saved[0]}, not by {own[0]} (or a parent or subclass of it): its "
                 f"hyperparameters and training state belong to another training algorithm. Load it with "
                 f"{written_by}.load_from_checkpoint, or in the CLI with the config of the run that wrote it. To "
-                f"start a {loader} from its weights only, use module.load_state_dict(torch.load(path)['state_dict'])."
+                f"start a {loader} from its weights only, use "
+                "module.load_state_dict(torch.load(path, weights_only=True)['state_dict'])."
             )
 
     def _step_lr_scheduler(self) -> None:

@@ -27,7 +27,9 @@ class FastAdversarialModule(ClassifierModule):
     overfitting (PGD accuracy collapsing within an epoch) likelier: pair the module with
     :class:`~freeadv_pl.callbacks.CatastrophicOverfittingGuard`. The paper's other starts: ``"zero"`` (plain FGSM
     training, prone to overfitting) and ``"previous"`` (the last batch's final δ, kept across batches like Free-m's
-    δ and saved in checkpoints: a Free training with one replay and an extra pass).
+    δ and saved in checkpoints per process, resumed as :class:`FreeAdversarialModule` resumes its δ: a Free training
+    with one replay and an extra pass). Checkpoints do not hold the global RNG state, so a run resumed with
+    ``"uniform"`` draws other random starts than the uninterrupted run.
 
     Model mode during the FGSM step: ``attack_mode="train"`` (the default) follows the reference code, where the
     whole step runs with the model in training mode; ``"eval"`` takes it in evaluation mode.
@@ -109,8 +111,8 @@ class FastAdversarialModule(ClassifierModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        self._previous.save(checkpoint)
+        self._previous.save(checkpoint, self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        self._previous.load(checkpoint)
+        self._previous.load(checkpoint, self._trainer)

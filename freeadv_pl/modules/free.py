@@ -27,7 +27,17 @@ class FreeAdversarialModule(ClassifierModule):
     LR scheduler is stepped per optimizer step, so schedules are written in optimizer steps.
 
     δ is a plain tensor attribute, not a registered buffer (under DDP each rank keeps its own), allocated lazily
-    at the first batch and exposed as :attr:`delta`. It is saved in checkpoints and restored from them.
+    at the first batch and exposed as :attr:`delta`.
+
+    Resuming (``Trainer.fit(..., ckpt_path=...)``): a checkpoint holds every process's δ (gathered when it is saved)
+    and each process takes its own back; with another number of processes, process r takes δ_r where it exists and
+    otherwise starts from zeros, with a warning. Weights, optimizer state, LR scheduler, ``global_step`` and δ come
+    back exactly, so a run resumed from an end-of-epoch checkpoint ends as the uninterrupted run would, provided the
+    data come in the same order (a one-process ``shuffle=True`` loader draws each epoch's order from the global RNG,
+    which checkpoints do not hold; DDP's sampler seeds it by epoch). A mid-epoch checkpoint
+    (``ModelCheckpoint(every_n_train_steps=...)``, counted in optimizer steps, m per batch) holds the state after its
+    batch's m replays, but Lightning re-enters the epoch with a new iterator over a plain DataLoader: the rest of
+    that epoch gets the loader's first batches again, not the ones left, and the epoch ends at its usual length.
 
     Args:
         backbone: any ``nn.Module`` mapping normalized images to logits.
@@ -89,8 +99,8 @@ class FreeAdversarialModule(ClassifierModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        self._delta.save(checkpoint)
+        self._delta.save(checkpoint, self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        self._delta.load(checkpoint)
+        self._delta.load(checkpoint, self._trainer)
