@@ -3,18 +3,22 @@ m ∈ {2, 4, 8} (N/m epochs), 7-PGD (N epochs, and N/8 epochs: its cost matched 
 (N/2 epochs), all with ε = 0.1 and SmallCNN.
 
 Every method gets the same care: SGD (momentum 0.9, weight decay 5e-4, batch 128) with a one-cycle learning rate
-(linear warm-up over 40 % of the run's optimizer steps to the peak, then linear decay to ~0), the peak chosen per
-method from ``--lr-grid`` on a held-out validation split: by clean accuracy for natural training, by PGD-10 accuracy
-(step ε/4) for the adversarial methods. Only the chosen run of each method is evaluated on the test set, with
-natural, PGD-20 and CW-20 accuracy (step ε/4, 1 random start). Fit time is measured as wall time and as this
-process's CPU time (less sensitive to other work on a shared machine).
+(linear warm-up over 40 % of the run's optimizer steps to the peak, then linear decay to ~0, as Wong et al. schedule
+FGSM-RS and Free), the peak chosen per method from ``--lr-grid`` on a held-out validation split: the highest clean
+accuracy for natural training, the highest PGD-10 accuracy (CE, step ε/4, 1 random start) for the adversarial
+methods; a run whose loss turns NaN/inf is out of the choice. Every run starts from the same seeded weights and
+batch order. Only the chosen run of each method is evaluated on the test set: natural, PGD-20 and CW-20 accuracy
+(step ε/4, 1 random start). Each fit is timed as wall time and as this process's CPU time (all its threads; less
+sensitive to other work on a shared machine). Torch runs one thread by default: on a busy 2-core machine, two
+threads ran natural training 10× slower (and its CPU time too) while one thread kept its pace.
 
-    python benchmarks/accuracy_vs_time.py                 # about 25 minutes on 2 CPU cores
+    python benchmarks/accuracy_vs_time.py          # about 30 minutes on one core
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +29,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the non-interactive backend
 import torch
 from _common import RESULTS, machine, markdown_table, quiet_lightning, write_results
-from lightning.pytorch import Trainer, seed_everything
-from torch.utils.data import DataLoader, Subset
+from lightning.pytorch import LightningModule, Trainer, seed_everything
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from freeadv_pl import (
     AttackSpec,
@@ -47,17 +51,19 @@ TEST_ATTACKS = {
     "PGD-20": AttackSpec(steps=20, step_size=EPSILON / 4),
     "CW-20": AttackSpec(steps=20, loss="cw", step_size=EPSILON / 4),
 }
+MARKERS = "osD^v<>ph*"
 
 
-def methods(epochs: int) -> dict[str, tuple[type, int, dict[str, Any]]]:
-    """name: (module class, epochs, module arguments) at the budget rule's epochs for natural training's ``epochs``."""
-    table: dict[str, tuple[type, int, dict[str, Any]]] = {"natural": (NaturalModule, epochs, {})}
+def methods(epochs: int) -> dict[str, tuple[type[LightningModule], int, dict[str, Any]]]:
+    """name: (module class, epochs, module arguments) at the budget rule's epochs for natural training's ``epochs``.
+
+    Free-m's δ step is ε/2, as in ``configs/fashion_mnist/free.yaml`` (ε_step = ε overfits to one-step attacks on
+    this network at ε = 0.1); 7-PGD's step is 2.5 ε / 10 (Madry et al.'s rule); FGSM-RS's 1.25 ε (Wong et al.).
+    """
+    table: dict[str, tuple[type[LightningModule], int, dict[str, Any]]] = {"natural": (NaturalModule, epochs, {})}
     for m in (2, 4, 8):
-        table[f"Free-{m}"] = (
-            FreeAdversarialModule,
-            epochs // m,
-            {"replays": m, "epsilon": EPSILON, "step_size": EPSILON / 2},
-        )
+        free = {"replays": m, "epsilon": EPSILON, "step_size": EPSILON / 2}
+        table[f"Free-{m}"] = (FreeAdversarialModule, epochs // m, free)
     pgd = {"steps": 7, "epsilon": EPSILON, "step_size": EPSILON / 4}
     table["PGD-7"] = (PGDAdversarialModule, epochs, pgd)
     table["PGD-7, natural's cost"] = (PGDAdversarialModule, epochs // 8, pgd)
@@ -65,14 +71,20 @@ def methods(epochs: int) -> dict[str, tuple[type, int, dict[str, Any]]]:
     return table
 
 
-def train(module_class: type, epochs: int, arguments: dict, lr: float, data: FashionMNISTDataModule, seed: int):
-    """One seeded run; returns the module, its TrainingTime summary and the fit's CPU seconds."""
+def train(
+    module_class: type[LightningModule],
+    epochs: int,
+    arguments: dict[str, Any],
+    lr: float,
+    data: FashionMNISTDataModule,
+    seed: int,
+) -> tuple[LightningModule, dict[str, Any]]:
+    """One seeded run; returns the module and what the run cost (``diverged``: its loss turned NaN/inf)."""
     seed_everything(seed, verbose=False)
-    steps_per_batch = arguments.get("replays", 1)
     batches = -(-len(data.train_set) // data.batch_size)
-    total_steps = epochs * batches * steps_per_batch
+    total_steps = epochs * batches * arguments.get("replays", 1)
 
-    def schedule(optimizer):
+    def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.4, anneal_strategy="linear", cycle_momentum=False
         )
@@ -99,75 +111,111 @@ def train(module_class: type, epochs: int, arguments: dict, lr: float, data: Fas
         limit_val_batches=0,
         callbacks=[timer],
     )
-    cpu_start = time.process_time()
-    trainer.fit(module, datamodule=data)
-    return module, timer.summary, time.process_time() - cpu_start
+    wall_start, cpu_start = time.perf_counter(), time.process_time()
+    try:
+        trainer.fit(module, datamodule=data)
+        diverged = False
+    except FloatingPointError:  # the module's on_nonfinite_loss="raise": this learning rate is too high
+        diverged = True
+    cost = {
+        "lr": lr,
+        "diverged": diverged,
+        "wall_minutes": (time.perf_counter() - wall_start) / 60.0,
+        "cpu_minutes": (time.process_time() - cpu_start) / 60.0,
+        "load_average_1min": os.getloadavg()[0],  # other processes on the machine, at the fit's end
+    }
+    cost.update({key: timer.summary.get(key) for key in ("optimizer_steps", "passes", "train_minutes")})
+    return module, cost
 
 
-def accuracy(module, dataset, attack: AttackSpec, seed: int) -> float:
-    loader = DataLoader(dataset, batch_size=500)
+def accuracy(module: LightningModule, dataset: Dataset, attack: AttackSpec, seed: int) -> float:
+    """Accuracy (%) of ``module`` on ``dataset`` under ``attack``, with seeded random starts."""
     generator = torch.Generator().manual_seed(seed)
-    correct, total = count_correct(module.model, loader, lambda m, x, y: attack(m, x, y, EPSILON, generator))
+    correct, total = count_correct(
+        module.model, DataLoader(dataset, batch_size=500), lambda m, x, y: attack(m, x, y, EPSILON, generator)
+    )
     return 100.0 * correct / total
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=8, help="N, natural training's epochs (a multiple of 8)")
-    parser.add_argument("--train-size", type=int, default=20000)
-    parser.add_argument("--val-size", type=int, default=5000)
+    parser.add_argument("--train-size", type=int, default=20000, help="training images")
+    parser.add_argument("--val-size", type=int, default=5000, help="training images held out for validation")
     parser.add_argument("--val-eval-size", type=int, default=1000, help="validation images scored for the lr choice")
-    parser.add_argument("--test-size", type=int, default=None, help="test images (default: all 10,000)")
-    parser.add_argument("--lr-grid", default="0.05,0.1,0.2")
+    parser.add_argument("--test-size", type=int, default=None, help="a seeded subset of the test set (default: all)")
+    parser.add_argument("--lr-grid", default="0.02,0.05,0.1", help="peak learning rates tried per method")
     parser.add_argument("--methods", nargs="+", default=None, help="a subset of the methods, by name")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (steady timings on a shared machine)")
+    parser.add_argument("--note", default=None, help="a note on the machine for the results file")
     parser.add_argument("--out", default=None, help="results path without suffix (.json, .md, .png)")
     args = parser.parse_args(argv)
+    if args.epochs < 8 or args.epochs % 8:
+        parser.error(f"--epochs must be a multiple of 8 (Free-8 and 8-pass PGD-7 run N/8 epochs), got {args.epochs}")
     quiet_lightning()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {message}", flush=True)
+
     grid = [float(value) for value in args.lr_grid.split(",")]
-    data = FashionMNISTDataModule(batch_size=128, train_size=args.train_size, val_size=args.val_size, seed=args.seed)
+    data = FashionMNISTDataModule(
+        batch_size=128, train_size=args.train_size, val_size=args.val_size, test_size=args.test_size, seed=args.seed
+    )
     data.prepare_data()
     data.setup("fit")
     data.setup("test")
     validation = Subset(data.val_set, range(min(args.val_eval_size, len(data.val_set))))
-    test = data.test_set if args.test_size is None else Subset(data.test_set, range(args.test_size))
     rows = []
     for name, (module_class, epochs, arguments) in methods(args.epochs).items():
         if args.methods and name not in args.methods:
             continue
-        runs = []
+        criterion = TEST_ATTACKS["natural"] if module_class is NaturalModule else VALIDATION_ATTACK
+        runs, candidates = [], []
         for lr in grid:
-            module, summary, cpu_seconds = train(module_class, epochs, arguments, lr, data, args.seed)
-            criterion = AttackSpec(steps=0) if module_class is NaturalModule else VALIDATION_ATTACK
-            score = accuracy(module, validation, criterion, args.seed)
-            runs.append((score, lr, module, summary, cpu_seconds))
-            print(
-                f"{name}: lr {lr:g}, {epochs} epochs, {summary['train_minutes']:.2f} min, "
-                f"validation {criterion.title} {score:.1f} %",
-                flush=True,
-            )
-        score, lr, module, summary, cpu_seconds = max(runs, key=lambda run: run[0])
-        row = {
-            "method": name,
-            "epochs": epochs,
-            "lr": lr,
-            "validation_score": score,
-            "optimizer_steps": summary["optimizer_steps"],
-            "passes": summary["passes"],
-            "wall_minutes": summary["train_minutes"],
-            "cpu_minutes": cpu_seconds / 60.0,
-        }
-        for key, attack in TEST_ATTACKS.items():
-            row[key] = accuracy(module, test, attack, args.seed)
+            log(f"{name}: lr {lr:g}, {epochs} epochs: started")
+            module, run = train(module_class, epochs, arguments, lr, data, args.seed)
+            if run["diverged"]:
+                run["validation_score"] = None
+                outcome = "loss turned NaN/inf, out of the choice"
+            else:
+                run["validation_score"] = accuracy(module, validation, criterion, args.seed)
+                candidates.append((run["validation_score"], module, run))
+                outcome = f"validation {criterion.title} {run['validation_score']:.1f} %"
+            runs.append(run)
+            minutes = f"{run['wall_minutes']:.2f} wall min, {run['cpu_minutes']:.2f} CPU min"
+            log(f"{name}: lr {lr:g} finished, {minutes}, {outcome}")
+        row: dict[str, Any] = {"method": name, "epochs": epochs, "grid": runs}
         rows.append(row)
-        print(
-            f"{name}: chose lr {lr:g}; test natural {row['natural']:.2f} %, PGD-20 {row['PGD-20']:.2f} %, "
-            f"CW-20 {row['CW-20']:.2f} %",
-            flush=True,
+        if not candidates:
+            log(f"{name}: every learning rate diverged")
+            continue
+        _, module, chosen = max(candidates, key=lambda candidate: candidate[0])  # ties: the lower lr
+        row.update({key: chosen[key] for key in ("lr", "validation_score", "optimizer_steps", "passes")})
+        row.update({key: chosen[key] for key in ("wall_minutes", "cpu_minutes", "train_minutes")})
+        for key, attack in TEST_ATTACKS.items():
+            row[key] = accuracy(module, data.test_set, attack, args.seed)
+        log(
+            f"{name}: chose lr {row['lr']:g}; test natural {row['natural']:.2f} %, PGD-20 {row['PGD-20']:.2f} %, "
+            f"CW-20 {row['CW-20']:.2f} %"
         )
     info = machine("cpu", args)
-    info["attacks"] = {key: attack.describe(EPSILON) for key, attack in TEST_ATTACKS.items()}
-    info["test_images"] = len(test)
+    info.update(
+        attacks={key: attack.describe(EPSILON) for key, attack in TEST_ATTACKS.items()},
+        test_images=len(data.test_set),
+        training_images=len(data.train_set),
+        lr_choice=(
+            f"peak lr from {grid} by validation accuracy on {len(validation)} held-out training images: clean for "
+            f"natural training, {VALIDATION_ATTACK.describe(EPSILON)} for the others"
+        ),
+        schedule="SGD momentum 0.9, weight decay 5e-4, batch 128; one-cycle lr, linear up over 40 % of the steps",
+        times="wall and process CPU time (all threads) of trainer.fit; train_minutes: TrainingTime's training time",
+        total_minutes=(time.perf_counter() - start) / 60.0,
+    )
+    if args.note:
+        info["note"] = args.note
     columns = [
         ("method", "method"),
         ("epochs", "epochs"),
@@ -175,31 +223,32 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         ("passes", "forward/backward passes"),
         ("wall_minutes", "wall min"),
         ("cpu_minutes", "CPU min"),
-        ("natural", "natural %"),
-        ("PGD-20", "PGD-20 %"),
-        ("CW-20", "CW-20 %"),
-        ("lr", "peak lr"),
+        *((key, f"{attack.describe(EPSILON)} %") for key, attack in TEST_ATTACKS.items()),
+        ("lr", "chosen peak lr"),
     ]
     table = markdown_table(rows, columns)
     print(table)
     out = Path(args.out) if args.out else RESULTS / "accuracy_vs_time_cpu"
     title = f"Accuracy vs training time, Fashion-MNIST, SmallCNN, ε = {EPSILON}, {info['device']}"
     write_results(out, title, info, rows, table)
-    _plot(rows, out.with_suffix(".png"), len(test))
+    _plot(rows, out.with_suffix(".png"), len(data.test_set))
+    log(f"done; results in {out}.json, .md and .png")
     return rows
 
 
 def _plot(rows: list[dict[str, Any]], path: Path, test_images: int) -> None:
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        axes.scatter(row["wall_minutes"], row["PGD-20"], s=40)
-        axes.annotate(row["method"], (row["wall_minutes"], row["PGD-20"]), textcoords="offset points", xytext=(5, 4))
-    axes.set_xlabel("training wall time (minutes, 2 CPU cores)")
-    axes.set_ylabel("PGD-20 accuracy (%)")
+    for marker, row in zip(MARKERS, rows, strict=False):
+        if "PGD-20" in row:
+            label = f"{row['method']} ({row['epochs']} epochs)"
+            axes.scatter(row["wall_minutes"], row["PGD-20"], s=60, marker=marker, label=label)
+    axes.set_xlabel(f"training wall time (minutes of fit, {torch.get_num_threads()} torch thread(s))")
+    axes.set_ylabel("PGD-20 accuracy on the test set (%)")
     axes.set_title(
-        f"Fashion-MNIST, {test_images:,} test images: {TEST_ATTACKS['PGD-20'].describe(EPSILON)}", fontsize=9
+        f"Fashion-MNIST, SmallCNN, {test_images:,} test images\n{TEST_ATTACKS['PGD-20'].describe(EPSILON)}", fontsize=10
     )
     axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

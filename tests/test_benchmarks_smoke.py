@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from conftest import needs_fashion_mnist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -13,6 +16,15 @@ import accuracy_vs_time  # benchmarks/ is a folder of scripts, not a package
 import free_cifar10_run
 import lightning_overhead
 import step_cost
+
+
+@pytest.fixture(autouse=True)
+def _lightning_log_level():
+    """Each script's ``main`` quiets Lightning's logger for its own output: the tests after these must not inherit it."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    yield
+    logger.setLevel(level)
 
 
 def test_step_cost_runs_on_a_tiny_size(tmp_path):
@@ -78,35 +90,23 @@ def test_the_whole_run_script_runs_on_a_tiny_size(tmp_path):
 @needs_fashion_mnist
 def test_accuracy_vs_time_runs_on_a_tiny_size(tmp_path):
     out = tmp_path / "accuracy"
-    rows = accuracy_vs_time.main(
-        [
-            "--train-size",
-            "256",
-            "--val-size",
-            "128",
-            "--val-eval-size",
-            "32",
-            "--test-size",
-            "32",
-            "--lr-grid",
-            "0.05",
-            "--out",
-            str(out),
-        ]
-    )
-    assert [row["method"] for row in rows] == [
-        "natural",
-        "Free-2",
-        "Free-4",
-        "Free-8",
-        "PGD-7",
-        "PGD-7, natural's cost",
-        "FGSM-RS",
-    ]
+    arguments = ["--train-size", "512", "--val-size", "128", "--val-eval-size", "64", "--test-size", "64"]
+    threads = torch.get_num_threads()
+    try:  # one thread, the script's default: two oversubscribe a busy 2-core machine (measured 10× slower)
+        rows = accuracy_vs_time.main([*arguments, "--lr-grid", "0.05", "--note", "a test", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # main sets the process's thread count
+    methods = ["natural", "Free-2", "Free-4", "Free-8", "PGD-7", "PGD-7, natural's cost", "FGSM-RS"]
+    assert [row["method"] for row in rows] == methods
     # The budget rule in the numbers: every row but the N-epoch PGD-7 costs natural training's passes.
     passes = {row["method"]: row["passes"] for row in rows}
     assert passes["PGD-7"] == 8 * passes["natural"] and passes["Free-8"] == passes["FGSM-RS"] == passes["natural"]
     assert all(0 <= row[key] <= 100 for row in rows for key in ("natural", "PGD-20", "CW-20"))
+    assert all(row["lr"] == 0.05 and len(row["grid"]) == 1 and row["cpu_minutes"] > 0 for row in rows)
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["machine"]["attacks"]["PGD-20"] == "PGD-20 (CE loss, ε = 0.1, step 0.025, 1 random start)"
-    assert out.with_suffix(".png").stat().st_size > 10_000 and out.with_suffix(".md").is_file()
+    assert [row["method"] for row in saved["rows"]] == methods and saved["machine"]["test_images"] == 64
+    table = out.with_suffix(".md").read_text()
+    assert "| CW-20 (CW loss, ε = 0.1, step 0.025, 1 random start) % |" in table and "- note: a test" in table
+    assert all(f"| {method} | " in table for method in methods)
+    assert out.with_suffix(".png").stat().st_size > 10_000
