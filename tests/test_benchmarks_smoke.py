@@ -20,7 +20,7 @@ import step_cost
 
 @pytest.fixture(autouse=True)
 def _lightning_log_level():
-    """Each script's ``main`` quiets Lightning's logger for its own output: the tests after these must not inherit it."""
+    """Each script's ``main`` quiets Lightning's logger for its output: the tests after these must not inherit it."""
     logger = logging.getLogger("lightning.pytorch")
     level = logger.level
     yield

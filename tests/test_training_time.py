@@ -3,7 +3,6 @@ time and carries its totals across a resume; the channels-last and compile fast 
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
