@@ -38,7 +38,9 @@ EPSILON = 8 / 255
 
 
 def quiet_lightning() -> None:
-    """Keep Lightning's start-up messages (GPU available, tips, "max_epochs reached") out of the benchmark's output."""
+    """Keep Lightning's start-up messages (GPU available, tips, "max_epochs reached") out of the benchmark's output.
+
+    Process-wide, so the scripts call it when run as scripts, not in ``main`` (which the smoke tests call)."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
 

@@ -153,7 +153,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     if args.epochs < 8 or args.epochs % 8:
         parser.error(f"--epochs must be a multiple of 8 (Free-8 and 8-pass PGD-7 run N/8 epochs), got {args.epochs}")
-    quiet_lightning()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
@@ -255,4 +254,5 @@ def _plot(rows: list[dict[str, Any]], path: Path, test_images: int) -> None:
 
 
 if __name__ == "__main__":
+    quiet_lightning()
     main()

@@ -39,7 +39,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--out", default=None, help="results path without suffix")
     args = parser.parse_args(argv)
-    quiet_lightning()
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
         write_cifar(Path(folder), n_train=args.train_size, n_test=100)
@@ -97,4 +96,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    quiet_lightning()
     main()

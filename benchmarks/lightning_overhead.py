@@ -134,7 +134,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    quiet_lightning()
     loader = synthetic_batches(args.model, args.warmup + args.batches, args.batch_size, args.device)
     runs = {"raw PyTorch loop": lambda: raw_loop(args, loader)}
     for setup in ("lean", "default"):
@@ -183,4 +182,5 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
+    quiet_lightning()
     main()

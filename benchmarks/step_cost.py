@@ -126,7 +126,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    quiet_lightning()
     torch.manual_seed(0)
     rows = measure(args)
     info = machine(args.device, args)
@@ -152,4 +151,5 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
+    quiet_lightning()
     main()

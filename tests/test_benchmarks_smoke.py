@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from conftest import needs_fashion_mnist
 
@@ -16,15 +14,6 @@ import accuracy_vs_time  # benchmarks/ is a folder of scripts, not a package
 import free_cifar10_run
 import lightning_overhead
 import step_cost
-
-
-@pytest.fixture(autouse=True)
-def _lightning_log_level():
-    """Each script's ``main`` quiets Lightning's logger for its output: the tests after these must not inherit it."""
-    logger = logging.getLogger("lightning.pytorch")
-    level = logger.level
-    yield
-    logger.setLevel(level)
 
 
 def test_step_cost_runs_on_a_tiny_size(tmp_path):
