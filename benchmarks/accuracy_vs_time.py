@@ -128,11 +128,13 @@ def train(
     return module, cost
 
 
-def accuracy(module: LightningModule, dataset: Dataset, attack: AttackSpec, seed: int) -> float:
-    """Accuracy (%) of ``module`` on ``dataset`` under ``attack``, with seeded random starts."""
+def accuracy(
+    module: LightningModule, dataset: Dataset, attack: AttackSpec, seed: int, epsilon: float = EPSILON
+) -> float:
+    """Accuracy (%) of ``module`` on ``dataset`` under ``attack`` at ``epsilon``, with seeded random starts."""
     generator = torch.Generator().manual_seed(seed)
     correct, total = count_correct(
-        module.model, DataLoader(dataset, batch_size=500), lambda m, x, y: attack(m, x, y, EPSILON, generator)
+        module.model, DataLoader(dataset, batch_size=500), lambda m, x, y: attack(m, x, y, epsilon, generator)
     )
     return 100.0 * correct / total
 

@@ -11,28 +11,34 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from freeadv_pl._checks import check_int
+from freeadv_pl.data.augmentation import RandomCropFlip
 
 Transform = Callable[[Any], Any]
 
 
 class TransformedSubset(Dataset):
-    """The examples ``indices`` of ``dataset``, their images (first item of each example) through ``transform``.
+    """The examples ``indices`` of ``dataset``, their images (first item of each example) through ``transform``;
+    with ``return_index``, each example is ``(image, label, index)``, ``index`` its position in this subset.
 
     Training and validation examples drawn from one split share the stored data but not the transform (the
     validation images are not augmented).
     """
 
-    def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Transform | None = None) -> None:
+    def __init__(
+        self, dataset: Dataset, indices: Sequence[int], transform: Transform | None = None, return_index: bool = False
+    ) -> None:
         self.dataset = dataset
         self.indices = indices
         self.transform = transform
+        self.return_index = return_index
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, index: int) -> Any:
         image, label = self.dataset[self.indices[index]]
-        return (image if self.transform is None else self.transform(image)), label
+        image = image if self.transform is None else self.transform(image)
+        return (image, label, index) if self.return_index else (image, label)
 
 
 class VisionDataModule(LightningDataModule):
@@ -58,6 +64,13 @@ class VisionDataModule(LightningDataModule):
         batch_size_is_global: ``batch_size`` and ``eval_batch_size`` are totals over all the Trainer's processes
             (DDP): each of the ``world_size`` processes loads ``batch_size / world_size``, so a config keeps the
             same total batch (and learning rate) on any number of GPUs. False: they are per process.
+        return_index: training batches are ``(x, y, index)``, ``index`` each image's position in the training set
+            (``train_set``), as ``FreeAdversarialModule(delta_memory="example")`` needs. Augmentation that moves
+            pixels (a dataset's :meth:`batch_augmentation`) then runs on the batch's device in
+            ``on_after_batch_transfer`` and the batch is ``(x, y, index, crop_flip)``, ``crop_flip`` the
+            :class:`~freeadv_pl.data.augmentation.CropFlip` that maps a per-image perturbation into the augmented
+            images and back. It runs only when the Trainer is given the DataModule (``fit(datamodule=...)``).
+            Validation and test batches stay ``(x, y)``.
 
     Raises:
         ValueError: on a negative ``val_size``, a ``train_size``/``test_size`` < 1 or a batch size < 1; in
@@ -84,6 +97,7 @@ class VisionDataModule(LightningDataModule):
         drop_last: bool = False,
         download: bool = False,
         batch_size_is_global: bool = False,
+        return_index: bool = False,
     ) -> None:
         super().__init__()
         self.data_dir = None if data_dir is None else Path(data_dir).expanduser()
@@ -100,9 +114,11 @@ class VisionDataModule(LightningDataModule):
         self.drop_last = drop_last
         self.download = download
         self.batch_size_is_global = batch_size_is_global
+        self.return_index = return_index
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self._batch_augmentation = self.batch_augmentation() if return_index else None
 
     def load_split(self, train: bool) -> Dataset:
         """The full training (``train=True``) or test split, as a dataset of ``(image in [0, 1], label)``."""
@@ -115,6 +131,18 @@ class VisionDataModule(LightningDataModule):
     def eval_transform(self) -> Transform | None:
         """What is applied to each validation and test image; None: the stored image as it is."""
         return None
+
+    def batch_augmentation(self) -> RandomCropFlip | None:
+        """With ``return_index``, the training augmentation applied to whole batches on their device (it replaces
+        the crop and flip of :meth:`train_transform`); None: none."""
+        return None
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self._batch_augmentation is None or self.trainer is None or not self.trainer.training or len(batch) != 3:
+            return batch
+        x, y, index = batch
+        crop_flip = self._batch_augmentation.draw(x)
+        return crop_flip.apply(x), y, index, crop_flip
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate") and self.train_set is None:
@@ -149,7 +177,7 @@ class VisionDataModule(LightningDataModule):
         train_indices = order[self.val_size :]
         if self.train_size is not None:
             train_indices = train_indices[: self.train_size]
-        self.train_set = TransformedSubset(full, train_indices, self.train_transform())
+        self.train_set = TransformedSubset(full, train_indices, self.train_transform(), self.return_index)
         self.val_set = TransformedSubset(full, order[: self.val_size], self.eval_transform()) if self.val_size else None
 
     def _subset_test_set(self, full: Dataset) -> None:

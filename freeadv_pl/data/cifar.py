@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 from torchvision.transforms import v2
 
+from freeadv_pl.data.augmentation import RandomCropFlip
 from freeadv_pl.data.base import Transform, VisionDataModule
 
 
@@ -57,8 +58,8 @@ class _CIFARDataModule(VisionDataModule):
     image_shape = (3, 32, 32)
 
     def __init__(self, *args: Any, augment: bool = True, **kwargs: Any) -> None:
+        self.augment = augment  # before the base's __init__, which asks batch_augmentation()
         super().__init__(*args, **kwargs)
-        self.augment = augment
         self.classes: list[str] | None = None
 
     def prepare_data(self) -> None:
@@ -97,9 +98,13 @@ class _CIFARDataModule(VisionDataModule):
 
     def train_transform(self) -> Transform:
         # The standard CIFAR augmentation (also Madry et al.'s and the Free paper's): zero-pad 4, random 32×32 crop,
-        # horizontal flip; then uint8 → float in [0, 1].
-        steps = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if self.augment else []
+        # horizontal flip; then uint8 → float in [0, 1]. With return_index the crop and flip run on the device.
+        on_loader = self.augment and not self.return_index
+        steps = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if on_loader else []
         return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True)])
+
+    def batch_augmentation(self) -> RandomCropFlip | None:
+        return RandomCropFlip(padding=4) if self.augment else None
 
     def eval_transform(self) -> Transform:
         return v2.ToDtype(torch.float32, scale=True)
@@ -135,7 +140,8 @@ class CIFAR10DataModule(_CIFARDataModule):
     in memory as uint8 (150 MB).
 
     Training images are augmented (4-pixel zero padding, random 32×32 crop, horizontal flip) unless
-    ``augment=False``; validation and test images are not. Images reach the model in [0, 1]; the dataset's
+    ``augment=False``, in the loader, or with ``return_index=True`` on the batch's device (the batch then carries
+    the crops and flips, for a per-image δ); validation and test images are not. Images reach the model in [0, 1]; the dataset's
     ``mean``/``std`` are exposed for the model's input normalization.
 
     Args:

@@ -114,7 +114,7 @@ class ImageNetDataModule(VisionDataModule):
         **kwargs: the other arguments of :class:`~freeadv_pl.data.base.VisionDataModule`.
 
     Raises:
-        ValueError: if ``image_size`` > ``resize_size`` or a size < 1; in ``setup``, on a bad layout (see
+        ValueError: if ``image_size`` > ``resize_size`` or a size < 1, or with ``return_index`` and ``augment``; in ``setup``, on a bad layout (see
             :func:`check_image_folder_layout`).
         FileNotFoundError: in ``setup``, if ``data_dir`` or a split folder does not exist.
 
@@ -145,6 +145,12 @@ class ImageNetDataModule(VisionDataModule):
             raise ValueError(
                 f"image_size={image_size} must not exceed resize_size={resize_size}: evaluation images are resized "
                 "to resize_size, then center-cropped to image_size (the usual ratio is 224/256)"
+            )
+        if augment and self.return_index:
+            raise ValueError(
+                "return_index=True with augment=True is not supported for ImageNet: a per-image perturbation needs "
+                "one fixed frame per image, and RandomResizedCrop has no inverse. Set augment=False, or keep "
+                "return_index=False (FreeAdversarialModule's delta_memory='batch')."
             )
         self.augment = augment
         self.image_shape = (3, image_size, image_size)

@@ -59,6 +59,11 @@ class StoredPerturbation:
             self.tensor = torch.cat([self.tensor, extra])
         return self.tensor[:batch]
 
+    def reset(self) -> None:
+        """Set δ to zero (its shape is kept)."""
+        if self.tensor is not None:
+            self.tensor.zero_()
+
     def save(self, checkpoint: dict[str, Any], trainer: Trainer) -> None:
         """Put every process's δ (on the CPU) into a checkpoint dictionary, if any process has one yet.
 

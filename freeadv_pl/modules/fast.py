@@ -9,6 +9,7 @@ from torch import Tensor
 
 from freeadv_pl._checks import as_pixel_fraction, check_choice
 from freeadv_pl.attacks import ModelMode, pgd, uniform_perturbation
+from freeadv_pl.data.batch import unpack_batch
 from freeadv_pl.modules._perturbation import StoredPerturbation
 from freeadv_pl.modules.base import ClassifierModule
 
@@ -91,7 +92,7 @@ class FastAdversarialModule(ClassifierModule):
         return self._previous.for_batch(x)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
+        x, y = unpack_batch(batch)[:2]
         x_adv = pgd(
             self.model,
             x,

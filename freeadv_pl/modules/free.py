@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from freeadv_pl._checks import as_pixel_fraction, check_int
+from freeadv_pl._checks import as_pixel_fraction, check_choice, check_int
+from freeadv_pl.data.batch import unpack_batch
+from freeadv_pl.modules._delta_bank import PerturbationBank
 from freeadv_pl.modules._perturbation import StoredPerturbation
 from freeadv_pl.modules.base import ClassifierModule
 
@@ -45,10 +49,28 @@ class FreeAdversarialModule(ClassifierModule):
         replays: m, the number of replays of each minibatch (≥ 1).
         epsilon: the L∞ bound ε of δ, in pixel units (a float or a string like ``"8/255"``).
         step_size: the δ step ε_step; None means ε, as in the paper.
+        delta_memory: ``"batch"``: δ belongs to a position in the batch, as in the paper. ``"example"``: δ belongs to
+            a training image and comes back when that image does, in the next epoch (per-example memory, as ATTA,
+            Zheng et al. 2020): the training batches must be ``(x, y, index)``
+            (``VisionDataModule(return_index=True)``), and :attr:`delta` is the bank of one δ per training image,
+            allocated at the start of ``fit`` from the training dataset's length, stored in the frame of the
+            un-augmented image (an on-device crop and flip is applied to δ and inverted), the same on every process
+            after each epoch, and saved in checkpoints. With every option below off this is exactly Algorithm 2
+            with an index-keyed δ.
+        delta_bank: where the bank lives: ``"device"`` (the training device) or ``"cpu"`` (host memory, pinned on a
+            GPU run; each batch's rows travel to the device and back). Checked to fit before training.
+        delta_start_noise: ρ; at each batch's start, δ ← clip(δ + ρ·ε·U(−1, 1), −ε, ε), a random restart mixed into
+            the stored δ (0: off).
+        delta_reset_every: set the stored δ (batch or bank) to zero at the start of every k-th epoch (None: never).
+        epsilon_warmup_epochs: ε and ε_step ramp linearly from ~0 to their values over the first k epochs, batch by
+            batch (0: off).
         **kwargs: ``mean``, ``std``, ``optimizer``, ``lr_scheduler`` of :class:`ClassifierModule`.
 
     Raises:
-        ValueError: if ``replays`` < 1, ε is outside [0, 1] or ``step_size`` is not in (0, 1].
+        ValueError: if ``replays`` < 1, ε is outside [0, 1], ``step_size`` is not in (0, 1], on an unknown
+            ``delta_memory`` or ``delta_bank``, a ``delta_start_noise`` outside [0, 1], a ``delta_reset_every`` < 1, a
+            negative ``epsilon_warmup_epochs``; with ``delta_memory="example"``, at the start of ``fit`` when the bank
+            does not fit in memory, and at the first batch when it is ``(x, y)``.
 
     Example:
         >>> from freeadv_pl.models import SmallCNN
@@ -64,6 +86,11 @@ class FreeAdversarialModule(ClassifierModule):
         replays: int = 8,
         epsilon: float | str = 8 / 255,
         step_size: float | str | None = None,
+        delta_memory: Literal["batch", "example"] = "batch",
+        delta_bank: Literal["device", "cpu"] = "device",
+        delta_start_noise: float = 0.0,
+        delta_reset_every: int | None = None,
+        epsilon_warmup_epochs: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(backbone, num_classes, **kwargs)
@@ -72,7 +99,14 @@ class FreeAdversarialModule(ClassifierModule):
         self.step_size = (
             self.epsilon if step_size is None else as_pixel_fraction(step_size, "step_size", allow_zero=False)
         )
+        self.delta_memory = check_choice(delta_memory, "delta_memory", ("batch", "example"))
+        self.delta_start_noise = as_pixel_fraction(delta_start_noise, "delta_start_noise")
+        self.delta_reset_every = (
+            None if delta_reset_every is None else check_int(delta_reset_every, "delta_reset_every", minimum=1)
+        )
+        self.epsilon_warmup_epochs = check_int(epsilon_warmup_epochs, "epsilon_warmup_epochs", minimum=0)
         self._delta = StoredPerturbation()
+        self._bank = PerturbationBank(check_choice(delta_bank, "delta_bank", ("device", "cpu")))
 
     @property
     def passes_per_batch(self) -> int:
@@ -81,26 +115,85 @@ class FreeAdversarialModule(ClassifierModule):
 
     @property
     def delta(self) -> Tensor | None:
-        """The stored perturbation δ (batch-sized), or None before the first training batch."""
-        return self._delta.tensor
+        """The stored perturbation δ, or None before training: batch-sized with ``delta_memory="batch"``, the bank
+        ``(len(training set), *image)`` with ``"example"``."""
+        return self._bank.tensor if self.delta_memory == "example" else self._delta.tensor
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        delta = self._delta.for_batch(x)  # a view of δ[:B]: writing into it updates the stored δ
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.delta_memory == "example":
+            dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+            try:
+                size, example = len(dataset), dataset[0]
+            except TypeError:
+                raise ValueError(
+                    "delta_memory='example' needs a training DataLoader over a dataset with a length and indexable "
+                    f"examples (a map-style Dataset), got {type(dataset).__name__}: the δ bank has one row per image."
+                ) from None
+            self._bank.allocate(size, tuple(example[0].shape), self.trainer)
+
+    def on_train_epoch_start(self) -> None:
+        epoch = self.current_epoch
+        if self.delta_reset_every is not None and epoch > 0 and epoch % self.delta_reset_every == 0:
+            self._bank.reset()
+            self._delta.reset()
+
+    def training_step(self, batch: Sequence[Any], batch_idx: int) -> None:
+        x, y, index, crop_flip = unpack_batch(batch)
+        scale = self._warmup_scale(batch_idx)
+        epsilon, step_size = scale * self.epsilon, scale * self.step_size
+        if self.delta_memory == "example":
+            if index is None:
+                raise ValueError(
+                    "delta_memory='example' needs training batches (x, y, index), index each image's position in the "
+                    "training set, got (x, y): set the DataModule's return_index=True (data.init_args.return_index: "
+                    "true in a config), or give a dataset whose examples are (image, label, index)."
+                )
+            delta, stored = self._bank.rows(index, x, crop_flip)
+        else:
+            delta = self._delta.for_batch(x)  # a view of δ[:B]: writing into it updates the stored δ
+        if self.delta_start_noise > 0:
+            noise = torch.empty_like(delta).uniform_(-1.0, 1.0)
+            delta.copy_((delta + self.delta_start_noise * epsilon * noise).clamp_(-epsilon, epsilon))
         for _ in range(self.replays):
             leaf = delta.clone().requires_grad_(True)
             loss, logits = self.fit_step(torch.clamp(x + leaf, 0.0, 1.0), y)
             with torch.no_grad():
                 grad = leaf.grad
-                stepped = (leaf + self.step_size * grad.sign()).clamp_(-self.epsilon, self.epsilon)
+                stepped = (leaf + step_size * grad.sign()).clamp_(-epsilon, epsilon)
                 # torch.where instead of an `if`: skipping a non-finite replay costs no host synchronisation.
                 delta.copy_(torch.where(torch.isfinite(grad).all() & torch.isfinite(loss), stepped, leaf))
+        if self.delta_memory == "example":
+            self._bank.store(index, delta, stored, crop_flip)
         self.log_training(loss, logits, y)
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        self._bank.synchronise(self.trainer)
+
+    def _warmup_scale(self, batch_idx: int) -> float:
+        """The share of ε and ε_step in force: linear from 1/(k·batches) at the first batch to 1 after k epochs."""
+        if self.epsilon_warmup_epochs == 0:
+            return 1.0
+        batches = self.trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise ValueError(
+                "epsilon_warmup_epochs needs a training DataLoader with a length (the ramp counts batches per epoch)"
+            )
+        done = self.current_epoch * batches + batch_idx + 1
+        return min(1.0, done / (self.epsilon_warmup_epochs * batches))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        self._delta.save(checkpoint, self.trainer)
+        if self.delta_memory == "example":
+            self._bank.synchronise(self.trainer)  # collective: every process builds the checkpoint
+            self._bank.save(checkpoint)
+        else:
+            self._delta.save(checkpoint, self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        self._delta.load(checkpoint, self._trainer)
+        if self.delta_memory == "example":
+            self._bank.load(checkpoint, self._trainer)
+        else:
+            self._delta.load(checkpoint, self._trainer)

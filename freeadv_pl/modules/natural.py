@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from freeadv_pl.data.batch import unpack_batch
 from freeadv_pl.modules.base import ClassifierModule
 
 
@@ -19,6 +20,6 @@ class NaturalModule(ClassifierModule):
     """
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
+        x, y = unpack_batch(batch)[:2]
         loss, logits = self.fit_step(x, y)
         self.log_training(loss, logits, y)

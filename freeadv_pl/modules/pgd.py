@@ -9,6 +9,7 @@ from torch import Tensor
 
 from freeadv_pl._checks import as_pixel_fraction, check_choice, check_int
 from freeadv_pl.attacks import ModelMode, pgd, uniform_perturbation
+from freeadv_pl.data.batch import unpack_batch
 from freeadv_pl.modules.base import ClassifierModule
 
 
@@ -74,7 +75,7 @@ class PGDAdversarialModule(ClassifierModule):
         return uniform_perturbation(x, self.epsilon) if self.random_start else torch.zeros_like(x)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
+        x, y = unpack_batch(batch)[:2]
         x_adv = pgd(
             self.model,
             x,
