@@ -21,6 +21,7 @@ results files are rewritten after every row, so an interrupted run keeps what it
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,11 @@ from freeadv_pl import (
     PGDAdversarialModule,
 )
 
-DEFAULT_FREE = [f"m={m},memory={memory},step=0.5" for m in (2, 4, 8) for memory in ("batch", "example")] + [
-    "m=8,memory=batch,step=1"
+DEFAULT_FREE = [
+    *(f"m={m},memory=example,step=0.5,noise=1" for m in (8, 4, 2)),  # the shipped recipe
+    *(f"m={m},memory=batch,step=0.5" for m in (8, 4, 2)),  # the paper's memory, at the step of benchmark 3
+    "m=8,memory=batch,step=1",  # the paper's ε_step = ε
+    "m=8,memory=example,step=0.5",  # per-example memory alone
 ]
 _RECIPE_KEYS = {"m", "memory", "step", "noise", "reset", "warmup"}
 MARKERS = "osD^v<>ph*PX"
@@ -79,18 +83,19 @@ def free_recipe(text: str, epsilon: float) -> tuple[str, dict[str, Any]]:
 def methods(
     args: argparse.Namespace,
 ) -> dict[str, tuple[type[LightningModule], int, dict[str, Any], float]]:
-    """name: (module class, epochs, module arguments, peak lr) at the budget rule's epochs for N natural epochs."""
+    """name: (module class, epochs, module arguments, peak lr) at the budget rule's epochs for N natural epochs: the
+    baselines first, then the Free recipes (the order rows run in)."""
     n, epsilon = args.epochs, args.epsilon
     table: dict[str, tuple[type[LightningModule], int, dict[str, Any], float]] = {
         "natural": (NaturalModule, n, {}, args.lr_natural)
     }
-    for text in args.free or DEFAULT_FREE:
-        name, arguments = free_recipe(text, epsilon)
-        table[name] = (FreeAdversarialModule, n // arguments["replays"], arguments, args.lr_free)
     pgd = {"steps": 7, "epsilon": epsilon, "step_size": epsilon / 4}
     table["FGSM-RS"] = (FastAdversarialModule, n // 2, {"epsilon": epsilon, "step_size": 1.25 * epsilon}, args.lr_fgsm)
     table["PGD-7, natural's cost"] = (PGDAdversarialModule, n // 8, pgd, args.lr_pgd)
     table["PGD-7"] = (PGDAdversarialModule, n, pgd, args.lr_pgd)
+    for text in args.free or DEFAULT_FREE:
+        name, arguments = free_recipe(text, epsilon)
+        table[name] = (FreeAdversarialModule, n // arguments["replays"], arguments, args.lr_free)
     return table
 
 
@@ -103,7 +108,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--val-eval-size", type=int, default=1000, help="validation images scored with PGD-10")
     parser.add_argument("--test-size", type=int, default=None, help="a seeded subset of the test set (default: all)")
     parser.add_argument("--free", action="append", default=None, help="a Free recipe (repeat; replaces the default)")
-    parser.add_argument("--methods", nargs="+", default=None, help="run only these rows, by name")
+    parser.add_argument(
+        "--methods", nargs="+", default=None, help="run only these rows, by name ('Free': every Free recipe)"
+    )
     parser.add_argument("--lr-natural", type=float, default=0.05)
     parser.add_argument("--lr-free", type=float, default=0.02)
     parser.add_argument("--lr-pgd", type=float, default=0.1)
@@ -112,7 +119,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (steady timings on a shared machine)")
     parser.add_argument("--note", default=None, help="a note on the machine for the results file")
     parser.add_argument("--out", default=None, help="results path without suffix (.json, .md, .png)")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, help="merge these results .json into --out")
     args = parser.parse_args(argv)
+    if args.merge:
+        if not args.out:
+            parser.error("--merge needs --out")
+        return merge(args.merge, Path(args.out))
     if args.epochs < 8 or args.epochs % 8:
         parser.error(
             f"--epochs must be a multiple of 8 (Free-8 and PGD-7 at natural's cost run N/8), got {args.epochs}"
@@ -155,19 +167,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     )
     if args.note:
         info["note"] = args.note
-    columns = [
-        ("method", "method"),
-        ("epochs", "epochs"),
-        ("passes", "forward/backward passes"),
-        ("cpu_minutes", "CPU min"),
-        ("cost_vs_natural", "CPU time ÷ natural's"),
-        ("validation_pgd10", "val PGD-10 %"),
-        *((key, f"{attack.describe(epsilon)} %") for key, attack in test_attacks.items()),
-        ("lr", "peak lr"),
-    ]
     rows: list[dict[str, Any]] = []
     for name, (module_class, epochs, arguments, lr) in methods(args).items():
-        if args.methods and name not in args.methods:
+        if (
+            args.methods
+            and name not in args.methods
+            and not (module_class is FreeAdversarialModule and "Free" in args.methods)
+        ):
             continue
         log(f"{name}: {epochs} epochs, peak lr {lr:g}: started")
         module, run = train(module_class, epochs, arguments, lr, data, args.seed)
@@ -176,25 +182,60 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             row["validation_pgd10"] = accuracy(module, validation, validation_attack, args.seed, epsilon)
             for key, attack in test_attacks.items():
                 row[key] = accuracy(module, data.test_set, attack, args.seed, epsilon)
-        natural = next((r for r in rows if r["method"] == "natural"), None)
-        if natural is not None:
-            row["cost_vs_natural"] = row["cpu_minutes"] / natural["cpu_minutes"]
         rows.append(row)
         scores = ", ".join(f"{key} {row[key]:.2f} %" for key in test_attacks if key in row) or "diverged"
         log(
             f"{name}: {row['cpu_minutes']:.2f} CPU min; val PGD-10 {row.get('validation_pgd10', float('nan')):.2f} %; {scores}"
         )
         info["total_minutes"] = (time.perf_counter() - start) / 60.0
-        table = markdown_table(rows, columns)
-        title = f"Free-m at the paper's budget ratio, Fashion-MNIST, SmallCNN, ε = {epsilon:g}, N = {args.epochs}"
-        write_results(out, title, info, rows, table)
-        _plot(rows, out.with_suffix(".png"), len(data.test_set), test_attacks["PGD-20"].describe(epsilon), args)
-    print(markdown_table(rows, columns))
+        _write(rows, info, out)
     log(f"done; results in {out}.json, .md and .png")
     return rows
 
 
-def _plot(rows: list[dict[str, Any]], path: Path, test_images: int, attack: str, args: argparse.Namespace) -> None:
+def merge(parts: list[Path], out: Path) -> list[dict[str, Any]]:
+    """One results file from the files of runs that shared the grid out (e.g. two processes on two cores): the rows
+    of all, in the grid's order, each part's machine record kept under ``parts``."""
+    loaded = [json.loads(Path(part).read_text()) for part in parts]
+    order = {name: rank for rank, name in enumerate(["natural", "Free", "FGSM-RS", "PGD-7, natural's cost", "PGD-7"])}
+    rows = sorted(
+        (row for part in loaded for row in part["rows"]),
+        key=lambda row: order.get("Free" if row["method"].startswith("Free") else row["method"], len(order)),
+    )
+    info = dict(loaded[0]["machine"])
+    info["parts"] = [part["machine"] for part in loaded]
+    _write(rows, info, out)
+    return rows
+
+
+def _write(rows: list[dict[str, Any]], info: dict[str, Any], out: Path) -> None:
+    natural = next((row for row in rows if row["method"] == "natural"), None)
+    for row in rows:
+        if natural is not None:
+            row["cost_vs_natural"] = row["cpu_minutes"] / natural["cpu_minutes"]
+    attacks = info["attacks"]
+    columns = [
+        ("method", "method"),
+        ("epochs", "epochs"),
+        ("passes", "forward/backward passes"),
+        ("cpu_minutes", "CPU min"),
+        ("cost_vs_natural", "CPU time ÷ natural's"),
+        ("validation_pgd10", "val PGD-10 %"),
+        *((key, f"{description} %") for key, description in attacks.items()),
+        ("lr", "peak lr"),
+    ]
+    table = markdown_table(rows, columns)
+    arguments = info["arguments"]
+    title = (
+        f"Free-m at the paper's budget ratio, Fashion-MNIST, SmallCNN, ε = {info['epsilon']:g}, "
+        f"N = {arguments['epochs']}"
+    )
+    write_results(out, title, info, rows, table)
+    _plot(rows, out.with_suffix(".png"), info, attacks["PGD-20"])
+    print(table, flush=True)
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, info: dict[str, Any], attack: str) -> None:
     figure, axes = plt.subplots(figsize=(8, 5))
     for marker, row in zip(MARKERS * 3, rows, strict=False):
         if "PGD-20" in row:
@@ -202,11 +243,11 @@ def _plot(rows: list[dict[str, Any]], path: Path, test_images: int, attack: str,
                 row["cpu_minutes"], row["PGD-20"], s=60, marker=marker, label=f"{row['method']} ({row['epochs']} ep)"
             )
     axes.set_xscale("log")
-    axes.set_xlabel(f"training CPU time (minutes of fit, {torch.get_num_threads()} torch thread(s), log scale)")
+    axes.set_xlabel(f"training CPU time (minutes of fit, {info['torch_threads']} torch thread(s), log scale)")
     axes.set_ylabel("PGD-20 accuracy on the test set (%)")
     axes.set_title(
-        f"Fashion-MNIST, SmallCNN, N = {args.epochs} natural epochs on {args.train_size:,} images, "
-        f"{test_images:,} test images\n{attack}",
+        f"Fashion-MNIST, SmallCNN, N = {info['arguments']['epochs']} natural epochs on {info['training_images']:,} "
+        f"images, {info['test_images']:,} test images\n{attack}",
         fontsize=9,
     )
     axes.grid(alpha=0.3)

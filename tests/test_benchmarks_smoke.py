@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import accuracy_vs_time  # benchmarks/ is a folder of scripts, not a package
 import free_cifar10_run
 import lightning_overhead
+import paper_budget
 import step_cost
 
 
@@ -99,3 +100,37 @@ def test_accuracy_vs_time_runs_on_a_tiny_size(tmp_path):
     assert "| CW-20 (CW loss, ε = 0.1, step 0.025, 1 random start) % |" in table and "- note: a test" in table
     assert all(f"| {method} | " in table for method in methods)
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+@needs_fashion_mnist
+def test_paper_budget_runs_on_a_tiny_size_and_merges_its_parts(tmp_path):
+    sizes = ["--train-size", "256", "--val-size", "128", "--val-eval-size", "32", "--test-size", "64", "--epochs", "8"]
+    recipes = ["--free", "m=8,memory=example,step=0.5,noise=1", "--free", "m=4,memory=batch,reset=1,warmup=1"]
+    threads = torch.get_num_threads()
+    try:
+        first = paper_budget.main([*sizes, *recipes, "--methods", "natural", "Free", "--out", str(tmp_path / "a")])
+        second = paper_budget.main([*sizes, "--methods", "FGSM-RS", "PGD-7", "--out", str(tmp_path / "b")])
+    finally:
+        torch.set_num_threads(threads)  # main sets the process's thread count
+    names = ["natural", "Free-8 example, step 0.5ε, noise 1", "Free-4 batch, step 1ε, reset 1, warmup 1"]
+    assert [row["method"] for row in first] == names and [row["method"] for row in second] == ["FGSM-RS", "PGD-7"]
+    assert first[1]["arguments"] == {
+        "replays": 8,
+        "epsilon": 0.1,
+        "step_size": 0.05,
+        "delta_memory": "example",
+        "delta_start_noise": 1.0,
+    }
+    assert first[2]["arguments"]["delta_reset_every"] == 1 and first[2]["arguments"]["epsilon_warmup_epochs"] == 1
+    # The budget rule: natural 8 epochs, Free-8 1 epoch, FGSM-RS 4: the same passes; PGD-7 8× them.
+    assert first[0]["passes"] == first[1]["passes"] == second[0]["passes"] == second[1]["passes"] // 8
+    assert all(0 <= row[key] <= 100 for row in first + second for key in ("validation_pgd10", "PGD-20", "CW-20"))
+    merged = paper_budget.main(
+        ["--merge", str(tmp_path / "b.json"), str(tmp_path / "a.json"), "--out", str(tmp_path / "m")]
+    )
+    assert [row["method"] for row in merged] == [*names, "FGSM-RS", "PGD-7"]
+    assert merged[0]["cost_vs_natural"] == 1.0 and merged[-1]["cost_vs_natural"] > 1
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert len(saved["machine"]["parts"]) == 2 and saved["machine"]["training_images"] == 256
+    assert "| Free-8 example, step 0.5ε, noise 1 | 1 |" in (tmp_path / "m.md").read_text()
+    assert (tmp_path / "m.png").stat().st_size > 10_000
