@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     data.setup("fit")
     data.setup("test")
     validation = Subset(data.val_set, range(min(args.val_eval_size, len(data.val_set))))
-    out = Path(args.out) if args.out else RESULTS / f"paper_budget_cpu_eps{epsilon:g}"
+    out = Path(args.out) if args.out else RESULTS / f"paper_budget_cpu_eps{epsilon:g}".replace(".", "_")
     info = machine("cpu", args)
     info.update(
         epsilon=epsilon,

@@ -73,3 +73,23 @@ def test_bf16_autocast_trains_every_module_on_the_gpu(make_module):
     assert all(torch.isfinite(p).all() for p in module.parameters())
     # On the CPU, bf16 as fp32: 0.69 to 0.94 after 3 epochs at ε = 0.03 (chance is 1/3).
     assert trainer.callback_metrics["val/acc"] > 0.55, "it learns the banded task"
+
+
+@needs_cuda
+@pytest.mark.parametrize("place", ["device", "cpu"])
+def test_the_delta_bank_on_the_gpu_or_in_pinned_host_memory_gives_the_same_training(place):
+    x, y = banded_dataset(40)[:]
+    loader = DataLoader(torch.utils.data.TensorDataset(x, y, torch.arange(40)), batch_size=16)
+    results = {}
+    for bank in ("device", place):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Flatten(), nn.Linear(36, 3))
+        module = FreeAdversarialModule(net, 3, replays=2, epsilon=0.1, delta_memory="example", delta_bank=bank)
+        quiet_trainer(accelerator="gpu", max_epochs=2).fit(module, train_dataloaders=loader)
+        expected_device = "cuda" if bank == "device" else "cpu"
+        assert module.delta.device.type == expected_device and module.delta.shape == (40, 1, 6, 6)
+        assert bank == "device" or module.delta.is_pinned()
+        results[bank] = (module.delta.cpu(), [p.detach().cpu() for p in module.parameters()])
+    torch.testing.assert_close(results["device"][0], results[place][0])
+    for ours, theirs in zip(results["device"][1], results[place][1], strict=True):
+        torch.testing.assert_close(ours, theirs)
