@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the non-interactive backend
@@ -243,6 +244,8 @@ def _plot(rows: list[dict[str, Any]], path: Path, info: dict[str, Any], attack: 
                 row["cpu_minutes"], row["PGD-20"], s=60, marker=marker, label=f"{row['method']} ({row['epochs']} ep)"
             )
     axes.set_xscale("log")
+    axes.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     axes.set_xlabel(f"training CPU time (minutes of fit, {info['torch_threads']} torch thread(s), log scale)")
     axes.set_ylabel("PGD-20 accuracy on the test set (%)")
     axes.set_title(

@@ -88,6 +88,17 @@ def _images_with(value: float, index: int = 0) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=4)
 
 
+class _ClaimsToBeHuge(TensorDataset):
+    """Twelve real indexed examples whose length claims 10^12: a δ bank of 144 TB."""
+
+    def __init__(self) -> None:
+        x, y = tiny_dataset(12).tensors
+        super().__init__(x, y, torch.arange(12))
+
+    def __len__(self) -> int:
+        return 10**12
+
+
 def _normalized_images() -> DataLoader:
     x, y = tiny_dataset().tensors
     return DataLoader(TensorDataset((x - 0.5) / 0.25, y), batch_size=4)
@@ -138,6 +149,34 @@ CASES = {
         lambda run: _free(epsilon="8/256x"), ValueError, ("epsilon must be a number in [0, 1]", "'8/255', got '8/256x'")
     ),
     "step_size<=0": Case(lambda run: _free(step_size=0), ValueError, ("step_size must lie in (0, 1]", "got 0")),
+    "delta_memory": Case(
+        lambda run: _free(delta_memory="image"), ValueError, ("delta_memory must be one of 'batch', 'example'",)
+    ),
+    "delta_start_noise>1": Case(
+        lambda run: _free(delta_start_noise=2), ValueError, ("delta_start_noise must lie in [0, 1]", "got 2")
+    ),
+    "delta_reset_every<1": Case(
+        lambda run: _free(delta_reset_every=0), ValueError, ("delta_reset_every must be an integer ≥ 1", "got 0")
+    ),
+    "example-memory-without-index": Case(
+        lambda run: _fit(run, _free(delta_memory="example")),
+        ValueError,
+        ("needs training batches (x, y, index)", "got (x, y)", "return_index=True"),
+        NO_CHECKPOINT,
+    ),
+    "delta-bank-does-not-fit": Case(
+        lambda run: _fit(
+            run, _free(delta_memory="example"), DataLoader(_ClaimsToBeHuge(), batch_size=4, sampler=range(12))
+        ),
+        ValueError,
+        ("needs a δ bank of", "GiB per process but the available host memory", "delta_bank='cpu'", "train_size"),
+        NO_CHECKPOINT,
+    ),
+    "imagenet-index-with-augment": Case(
+        lambda run: ImageNetDataModule(run.inputs, return_index=True),
+        ValueError,
+        ("return_index=True with augment=True is not supported for ImageNet", "Set augment=False"),
+    ),
     "attack-loss": Case(
         lambda run: AttackSpec(steps=20, loss="l2"), ValueError, ("loss must be one of 'ce', 'cw'", "got 'l2'")
     ),

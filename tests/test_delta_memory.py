@@ -1,6 +1,7 @@
 """``FreeAdversarialModule(delta_memory="example")`` against a hand-written Algorithm 2 loop with an index-keyed δ
 (shuffled batches, a partial last batch, several epochs; without augmentation and with on-device crop + flip,
-inverted by hand with torchvision's functions), resume, the errors, and the anti-collapse options."""
+inverted by hand with torchvision's functions), resume, and the anti-collapse options (the bad inputs are in
+test_bad_inputs.py)."""
 
 from __future__ import annotations
 
@@ -218,32 +219,6 @@ def test_resuming_from_an_epoch_end_checkpoint_gives_the_uninterrupted_weights_a
     assert torch.equal(restored.delta, whole.delta)
 
 
-def test_an_x_y_batch_under_example_memory_names_the_fix():
-    x, y = torch.rand(4, 1, 6, 6), torch.zeros(4, dtype=torch.long)
-    module = _free(tiny_cnn(), 1)
-    with pytest.raises(ValueError, match=r"needs training batches \(x, y, index\).*return_index=True"):
-        quiet_trainer().fit(module, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=4))
-    assert module.trainer.global_step == 0
-
-
-class _Huge(Dataset):
-    """Ten real examples that claim to be 10^12: a bank of 144 TB."""
-
-    def __len__(self):
-        return 10**12
-
-    def __getitem__(self, index):
-        return torch.rand(1, 6, 6), 0, index
-
-
-def test_a_bank_that_does_not_fit_raises_before_training():
-    module = _free(tiny_cnn(), 1)
-    loader = DataLoader(_Huge(), batch_size=4, sampler=range(8))
-    with pytest.raises(ValueError, match=r"needs a δ bank of .* GiB per process but the available host memory"):
-        quiet_trainer().fit(module, train_dataloaders=loader)
-    assert module.trainer.global_step == 0 and module.delta is None
-
-
 def test_a_resumed_bank_of_another_size_names_the_fix(tmp_path):
     _ckpt_fit(_free(tiny_cnn(), 1), DataLoader(_indexed(), batch_size=4), 1, tmp_path)
     with pytest.raises(ValueError, match="resume with the training set of the run that wrote it"):
@@ -287,22 +262,3 @@ def test_start_noise_moves_the_stored_delta_and_stays_in_the_ball():
     moved = quiet.delta[quiet.delta != 0].abs()
     torch.testing.assert_close(moved, torch.full_like(moved, STEP))
     assert noisy.delta.abs().max() <= EPSILON + 1e-7 and len(noisy.delta.unique()) > 20
-
-
-@pytest.mark.parametrize(
-    ("options", "error", "match"),
-    [
-        pytest.param(
-            {"delta_memory": "image"}, ValueError, "delta_memory must be one of 'batch', 'example'", id="memory"
-        ),
-        pytest.param({"delta_bank": "gpu"}, ValueError, "delta_bank must be one of 'device', 'cpu'", id="bank"),
-        pytest.param({"delta_start_noise": 1.5}, ValueError, r"delta_start_noise must lie in \[0, 1\]", id="noise"),
-        pytest.param({"delta_reset_every": 0}, ValueError, "delta_reset_every must be an integer ≥ 1", id="reset"),
-        pytest.param(
-            {"epsilon_warmup_epochs": -1}, ValueError, "epsilon_warmup_epochs must be an integer ≥ 0", id="warmup"
-        ),
-    ],
-)
-def test_bad_memory_options_name_the_argument(options, error, match):
-    with pytest.raises(error, match=match):
-        FreeAdversarialModule(tiny_cnn(), 3, **options)
