@@ -83,9 +83,12 @@ def main() -> None:
         loader = DataLoader(test_set, batch_size=500)
         print(f"Evaluating on {len(test_set)} Fashion-MNIST test images:", flush=True)
         module = cli.model
-        label = type(module).__name__
+        label = "natural" if type(module).__name__ == "NaturalModule" else type(module).__name__
         if hasattr(module, "replays"):
-            label = f"Free-{module.replays} ({module.delta_memory} δ, step {module.step_size / module.epsilon:g}ε)"
+            noise = f", noise {module.delta_start_noise:g}" if module.delta_start_noise else ""
+            label = (
+                f"Free-{module.replays} ({module.delta_memory} δ, step {module.step_size / module.epsilon:g}ε{noise})"
+            )
         epochs = cli.trainer.current_epoch
         results.append((label, epochs, cli.trainer.global_step, train_seconds, _evaluate(module.model, loader)))
 
@@ -98,10 +101,10 @@ def main() -> None:
     )
     for index, name in enumerate(names):
         print(f"  [{index + 1}] {name}")
-    header = f"  {'model':<34} {'epochs':>6} {'opt. steps':>10} {'train s':>8}"
+    header = f"  {'model':<40} {'epochs':>6} {'opt. steps':>10} {'train s':>8}"
     print("\n" + header + "".join(f" {f'[{index + 1}]':>7}" for index in range(len(names))))
     for label, epochs, steps, train_seconds, rows in results:
-        line = f"  {label:<34} {epochs:>6} {steps:>10} {train_seconds:>8.0f}"
+        line = f"  {label:<40} {epochs:>6} {steps:>10} {train_seconds:>8.0f}"
         print(line + "".join(f" {accuracy:>7.2f}" for _, accuracy, _ in rows))
     print(
         "\nEvery model made the same number of forward/backward passes (the budget rule: Free-m for N/m epochs costs "

@@ -21,8 +21,10 @@ def test_demo_prints_a_robustness_table(in_tmp_path):
     for name in ("natural (no attack)", "PGD-20 (CE, ε=0.1, step 0.0125, 1 restart, random start)", "CW-20"):
         assert name in table
     # One row per model: the shipped Free recipe and natural training on the same command line (1 epoch, 3 batches).
-    free = next(line for line in table.splitlines() if line.strip().startswith("Free-4 (example δ, step 0.5ε)"))
-    natural = next(line for line in table.splitlines() if line.strip().startswith("NaturalModule"))
+    free = next(
+        line for line in table.splitlines() if line.strip().startswith("Free-4 (example δ, step 0.5ε, noise 1)")
+    )
+    natural = next(line for line in table.splitlines() if line.strip().startswith("natural "))
     assert free.split()[-7:-5] == ["1", "12"] and natural.split()[-7:-5] == ["1", "3"]
     accuracies = [float(value) for line in (free, natural) for value in line.split()[-4:]]
     assert len(accuracies) == 8 and all(0 <= value <= 100 for value in accuracies)

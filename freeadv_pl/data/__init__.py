@@ -1,5 +1,6 @@
 """LightningDataModules: images in [0, 1], normalization left to the model."""
 
+from freeadv_pl.data.augmentation import CropFlip, RandomCropFlip
 from freeadv_pl.data.base import VisionDataModule
 from freeadv_pl.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from freeadv_pl.data.fashion_mnist import FashionMNISTDataModule
@@ -8,7 +9,9 @@ from freeadv_pl.data.imagenet import ImageNetDataModule
 __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
+    "CropFlip",
     "FashionMNISTDataModule",
     "ImageNetDataModule",
+    "RandomCropFlip",
     "VisionDataModule",
 ]
