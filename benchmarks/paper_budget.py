@@ -185,9 +185,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 row[key] = accuracy(module, data.test_set, attack, args.seed, epsilon)
         rows.append(row)
         scores = ", ".join(f"{key} {row[key]:.2f} %" for key in test_attacks if key in row) or "diverged"
-        log(
-            f"{name}: {row['cpu_minutes']:.2f} CPU min; val PGD-10 {row.get('validation_pgd10', float('nan')):.2f} %; {scores}"
-        )
+        score = row.get("validation_pgd10", float("nan"))
+        log(f"{name}: {row['cpu_minutes']:.2f} CPU min; val PGD-10 {score:.2f} %; {scores}")
         info["total_minutes"] = (time.perf_counter() - start) / 60.0
         _write(rows, info, out)
     log(f"done; results in {out}.json, .md and .png")

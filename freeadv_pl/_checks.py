@@ -1,7 +1,7 @@
 """Argument checks shared by the attacks, modules and data modules.
 
 Every check raises ``ValueError``/``TypeError`` with a message that names the argument, what was expected, what
-was received and, where one exists, the fix (STYLE.md, rule 3).
+was received and, where one exists, the fix (docs/design.md, "Errors").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """L∞ attacks in pixel space, as pure functions usable on any ``nn.Module``.
 
-Inputs are images in [0, 1]; any mean/std normalization lives inside the model (DESIGN.md, invariant 1), so ε and
+Inputs are images in [0, 1]; any mean/std normalization lives inside the model (docs/design.md, "Pixel space"), so ε and
 step sizes are in pixel units and every adversarial example returned lies in the ε-ball around ``x`` and in
 [0, 1]. The attacks work wherever they are called from, Lightning's ``no_grad`` validation and
 ``inference_mode`` testing included: they run under ``torch.inference_mode(False)`` and ``torch.enable_grad()``,

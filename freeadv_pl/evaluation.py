@@ -53,7 +53,7 @@ def count_correct(
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """One attack of an evaluation suite, fully described (DESIGN.md invariant 8).
+    """One attack of an evaluation suite, fully described (docs/design.md, "Honest evaluation").
 
     ``steps=0`` is natural (clean) accuracy. Otherwise L∞ PGD on the ``loss`` (``"cw"``: PGD on the CW margin, the
     paper's CW-k), ``steps`` steps of ``step_size``, ``restarts`` random starts (per-example worst case).

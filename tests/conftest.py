@@ -1,4 +1,4 @@
-"""Shared test helpers: tiny models and data (STYLE.md, rule 8), a quiet CPU Trainer, and real Fashion-MNIST."""
+"""Shared test helpers: tiny models and data (docs/design.md, "Tests"), a quiet CPU Trainer, and real Fashion-MNIST."""
 
 from __future__ import annotations
 

@@ -137,7 +137,7 @@ print(f"rank {trainer.global_rank} of {trainer.world_size}: batch {trainer.train
 
 
 def test_an_imagenet_config_runs_unchanged_under_two_process_ddp(dataset_root, tmp_path):
-    # DESIGN.md invariant 7: strategy="ddp" re-executes the script, so it runs as a subprocess (CPU, gloo).
+    # docs/design.md, "Tests": strategy="ddp" re-executes the script, so it runs as a subprocess (CPU, gloo).
     root = dataset_root("imagenet")
     script = tmp_path / "fit.py"
     script.write_text(DDP_SCRIPT)

@@ -108,7 +108,8 @@ class RobustEvaluation(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        # Counters are made here, not in __init__, so that spawned processes do not share them (DESIGN.md, 6).
+        # Counters are made here, not in __init__, so that spawned processes do not share them (docs/design.md,
+        # "Distributed evaluation and metrics").
         keys = {attack.key for attack in (*self.attacks, *self.test_attacks)}
         self._correct = {key: SumMetric() for key in keys}
         self._total = SumMetric()
@@ -157,7 +158,8 @@ class RobustEvaluation(Callback):
         size = len(dataset) if size is None else min(size, len(dataset))
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))
         chosen = sorted(order[:size].tolist())
-        # Each process takes every world_size-th example: no example is counted twice (DESIGN.md, 6).
+        # Each process takes every world_size-th example: no example is counted twice (docs/design.md, "Distributed
+        # evaluation and metrics").
         shard = chosen[trainer.global_rank :: trainer.world_size]
         return DataLoader(
             Subset(dataset, shard),

@@ -141,8 +141,8 @@ class CIFAR10DataModule(_CIFARDataModule):
 
     Training images are augmented (4-pixel zero padding, random 32×32 crop, horizontal flip) unless
     ``augment=False``, in the loader, or with ``return_index=True`` on the batch's device (the batch then carries
-    the crops and flips, for a per-image δ); validation and test images are not. Images reach the model in [0, 1]; the dataset's
-    ``mean``/``std`` are exposed for the model's input normalization.
+    the crops and flips, for a per-image δ); validation and test images are not. Images reach the model in [0, 1];
+    the dataset's ``mean``/``std`` are exposed for the model's input normalization.
 
     Args:
         augment: augment the training images.

@@ -114,8 +114,8 @@ class ImageNetDataModule(VisionDataModule):
         **kwargs: the other arguments of :class:`~freeadv_pl.data.base.VisionDataModule`.
 
     Raises:
-        ValueError: if ``image_size`` > ``resize_size`` or a size < 1, or with ``return_index`` and ``augment``; in ``setup``, on a bad layout (see
-            :func:`check_image_folder_layout`).
+        ValueError: if ``image_size`` > ``resize_size`` or a size < 1, or with ``return_index`` and ``augment``; in
+            ``setup``, on a bad layout (see :func:`check_image_folder_layout`).
         FileNotFoundError: in ``setup``, if ``data_dir`` or a split folder does not exist.
 
     Example:

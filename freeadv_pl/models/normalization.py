@@ -1,4 +1,5 @@
-"""The input-normalization wrapper: data stay in [0, 1] pixel space, the model normalizes (DESIGN.md, invariant 1)."""
+"""The input-normalization wrapper: data stay in [0, 1] pixel space, the model normalizes (docs/design.md, "Pixel
+space")."""
 
 from __future__ import annotations
 

@@ -52,13 +52,10 @@ class PerturbationBank:
                 )
         else:
             _check_fits(size * math.prod(example_shape) * 4, device, trainer)
-        pin = device.type == "cpu" and trainer.strategy.root_device.type == "cuda"
-        if self.tensor is None:
-            self.tensor = torch.zeros((size, *example_shape), device=device, pin_memory=pin)
-        else:
-            self.tensor = self.tensor.to(device=device, dtype=torch.float32)
-            if pin:
-                self.tensor = self.tensor.pin_memory()
+        bank = torch.zeros((size, *example_shape)) if self.tensor is None else self.tensor.to(torch.float32)
+        if device.type == "cpu" and trainer.strategy.root_device.type == "cuda":
+            bank = bank.pin_memory()  # host-to-device copies of each batch's rows
+        self.tensor = bank.to(device)
         self._touched = torch.zeros(size, dtype=torch.bool, device=device) if trainer.world_size > 1 else None
 
     def rows(self, index: Tensor, x: Tensor, crop_flip: CropFlip | None) -> tuple[Tensor, Tensor]:

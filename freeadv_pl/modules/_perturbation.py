@@ -21,8 +21,8 @@ class StoredPerturbation:
     """A batch-sized perturbation δ carried from one minibatch to the next, one per process.
 
     A plain tensor, not a registered buffer: DDP broadcasts buffers from rank 0, and each rank must keep its own δ
-    (DESIGN.md, invariant 2). Allocated as zeros at the first batch, on the batch's device and dtype; a smaller
-    last batch uses ``δ[:B]``; a larger batch grows δ with zero rows and a warning.
+    (docs/design.md, "δ, the perturbation Free-m keeps"). Allocated as zeros at the first batch, on the batch's
+    device and dtype; a smaller last batch uses ``δ[:B]``; a larger batch grows δ with zero rows and a warning.
 
     In a checkpoint, ``checkpoint["freeadv_pl_delta"] = {"world_size": W, "per_rank": [δ_0, ..., δ_{W-1}]}`` holds
     every process's δ (CPU tensors; None for a process without δ yet; the key is absent while no process has one).

@@ -133,7 +133,8 @@ class ClassifierModule(LightningModule):
                 f"pass num_classes={data_classes} to the module (the CLI links it from the data) and give the "
                 f"backbone {data_classes} outputs."
             )
-        # Metrics are made here, not in __init__, so that spawned processes do not share them (DESIGN.md, 6).
+        # Metrics are made here, not in __init__, so that spawned processes do not share them (docs/design.md,
+        # "Distributed evaluation and metrics").
         self.val_accuracy = MulticlassAccuracy(self.num_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(self.num_classes, average="micro")
         if self.channels_last:
