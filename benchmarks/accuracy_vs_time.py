@@ -42,6 +42,7 @@ from freeadv_pl import (
     SmallCNN,
     TrainingTime,
 )
+from freeadv_pl.autoattack import AutoAttackSpec
 from freeadv_pl.evaluation import count_correct
 
 EPSILON = 0.1
@@ -78,8 +79,13 @@ def train(
     lr: float,
     data: FashionMNISTDataModule,
     seed: int,
+    cache: Path | None = None,
 ) -> tuple[LightningModule, dict[str, Any]]:
-    """One seeded run; returns the module and what the run cost (``diverged``: its loss turned NaN/inf)."""
+    """One seeded run; returns the module and what the run cost (``diverged``: its loss turned NaN/inf).
+
+    With ``cache``, a file holding the trained weights and the cost record: written after the run, and when it
+    exists already, loaded instead of training (so a later run can add attacks to the same models).
+    """
     seed_everything(seed, verbose=False)
     batches = -(-len(data.train_set) // data.batch_size)
     total_steps = epochs * batches * arguments.get("replays", 1)
@@ -98,6 +104,10 @@ def train(
         optimizer=lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4),
         **arguments,
     )
+    if cache is not None and cache.exists():
+        saved = torch.load(cache, weights_only=True)
+        module.model.load_state_dict(saved["model"])
+        return module, saved["cost"]
     timer = TrainingTime()
     trainer = Trainer(
         accelerator="cpu",
@@ -125,7 +135,20 @@ def train(
         "load_average_1min": os.getloadavg()[0],  # other processes on the machine, at the fit's end
     }
     cost.update({key: timer.summary.get(key) for key in ("optimizer_steps", "passes", "train_minutes")})
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache.with_suffix(".tmp")
+        torch.save({"model": module.model.state_dict(), "cost": cost}, temporary)
+        temporary.replace(cache)
     return module, cost
+
+
+def cache_file(folder: Path | None, name: str, epochs: int, lr: float) -> Path | None:
+    """Where ``train`` keeps a run's model under ``--models folder`` (None: nowhere)."""
+    if folder is None:
+        return None
+    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    return folder / f"{slug}_{epochs}ep_lr{lr:g}.pt"
 
 
 def accuracy(
@@ -137,6 +160,34 @@ def accuracy(
         module.model, DataLoader(dataset, batch_size=500), lambda m, x, y: attack(m, x, y, epsilon, generator)
     )
     return 100.0 * correct / total
+
+
+AUTOATTACK = AutoAttackSpec()
+
+
+def autoattack_subset(dataset: Dataset, size: int, seed: int) -> Subset:
+    """The seeded subset of ``size`` test images that AutoAttack (and PGD-20 beside it) is run on."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return Subset(dataset, sorted(order[: min(size, len(dataset))].tolist()))
+
+
+def autoattack_columns(
+    module: LightningModule, subset: Subset, seed: int, epsilon: float = EPSILON
+) -> dict[str, float]:
+    """AutoAttack's accuracy (%), PGD-20's on the same images, and the gap between them (PGD-20 − AutoAttack)."""
+    pgd20 = accuracy(module, subset, TEST_ATTACKS["PGD-20"], seed, epsilon)
+    autoattack = accuracy(module, subset, AUTOATTACK, seed, epsilon)
+    return {"PGD-20 (AA images)": pgd20, "AutoAttack": autoattack, "PGD-20 − AutoAttack": pgd20 - autoattack}
+
+
+def autoattack_descriptions(subset: Subset, epsilon: float = EPSILON) -> dict[str, str]:
+    """Column titles of :func:`autoattack_columns` for the results table."""
+    on = f"on {len(subset):,} seeded test images"
+    return {
+        "PGD-20 (AA images)": f"{TEST_ATTACKS['PGD-20'].describe(epsilon)} {on}",
+        "AutoAttack": f"{AUTOATTACK.describe(epsilon)}, {on}",
+        "PGD-20 − AutoAttack": "PGD-20 − AutoAttack, points",
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -152,6 +203,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (steady timings on a shared machine)")
     parser.add_argument("--note", default=None, help="a note on the machine for the results file")
     parser.add_argument("--out", default=None, help="results path without suffix (.json, .md, .png)")
+    parser.add_argument(
+        "--models", type=Path, default=None, help="keep each trained model here; one already there is loaded"
+    )
+    parser.add_argument(
+        "--autoattack-size", type=int, default=1000, help="test images for AutoAttack (standard version); 0: none"
+    )
     args = parser.parse_args(argv)
     if args.epochs < 8 or args.epochs % 8:
         parser.error(f"--epochs must be a multiple of 8 (Free-8 and 8-pass PGD-7 run N/8 epochs), got {args.epochs}")
@@ -169,6 +226,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     data.setup("fit")
     data.setup("test")
     validation = Subset(data.val_set, range(min(args.val_eval_size, len(data.val_set))))
+    aa_subset = autoattack_subset(data.test_set, args.autoattack_size, args.seed) if args.autoattack_size else None
+    aa_titles = autoattack_descriptions(aa_subset) if aa_subset is not None else {}
     rows = []
     for name, (module_class, epochs, arguments) in methods(args.epochs).items():
         if args.methods and name not in args.methods:
@@ -177,7 +236,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         runs, candidates = [], []
         for lr in grid:
             log(f"{name}: lr {lr:g}, {epochs} epochs: started")
-            module, run = train(module_class, epochs, arguments, lr, data, args.seed)
+            cache = cache_file(args.models, name, epochs, lr)
+            module, run = train(module_class, epochs, arguments, lr, data, args.seed, cache)
             if run["diverged"]:
                 run["validation_score"] = None
                 outcome = "loss turned NaN/inf, out of the choice"
@@ -198,13 +258,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         row.update({key: chosen[key] for key in ("wall_minutes", "cpu_minutes", "train_minutes")})
         for key, attack in TEST_ATTACKS.items():
             row[key] = accuracy(module, data.test_set, attack, args.seed)
+        if aa_subset is not None:
+            row.update(autoattack_columns(module, aa_subset, args.seed))
         log(
             f"{name}: chose lr {row['lr']:g}; test natural {row['natural']:.2f} %, PGD-20 {row['PGD-20']:.2f} %, "
             f"CW-20 {row['CW-20']:.2f} %"
         )
     info = machine("cpu", args)
     info.update(
-        attacks={key: attack.describe(EPSILON) for key, attack in TEST_ATTACKS.items()},
+        attacks={key: attack.describe(EPSILON) for key, attack in TEST_ATTACKS.items()} | aa_titles,
         test_images=len(data.test_set),
         training_images=len(data.train_set),
         lr_choice=(
@@ -225,6 +287,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         ("wall_minutes", "wall min"),
         ("cpu_minutes", "CPU min"),
         *((key, f"{attack.describe(EPSILON)} %") for key, attack in TEST_ATTACKS.items()),
+        *((key, f"{title} %") for key, title in aa_titles.items()),
         ("lr", "chosen peak lr"),
     ]
     table = markdown_table(rows, columns)

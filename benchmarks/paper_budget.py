@@ -33,7 +33,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the non-interactive backend
 import torch
 from _common import RESULTS, machine, markdown_table, quiet_lightning, write_results
-from accuracy_vs_time import accuracy, train
+from accuracy_vs_time import (
+    accuracy,
+    autoattack_columns,
+    autoattack_descriptions,
+    autoattack_subset,
+    cache_file,
+    train,
+)
 from lightning.pytorch import LightningModule
 from torch.utils.data import Subset
 
@@ -121,6 +128,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--note", default=None, help="a note on the machine for the results file")
     parser.add_argument("--out", default=None, help="results path without suffix (.json, .md, .png)")
     parser.add_argument("--merge", nargs="+", type=Path, default=None, help="merge these results .json into --out")
+    parser.add_argument(
+        "--models", type=Path, default=None, help="keep each trained model here; one already there is loaded"
+    )
+    parser.add_argument(
+        "--autoattack-size", type=int, default=1000, help="test images for AutoAttack (standard version); 0: none"
+    )
     args = parser.parse_args(argv)
     if args.merge:
         if not args.out:
@@ -155,11 +168,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     data.setup("fit")
     data.setup("test")
     validation = Subset(data.val_set, range(min(args.val_eval_size, len(data.val_set))))
+    aa_subset = autoattack_subset(data.test_set, args.autoattack_size, args.seed) if args.autoattack_size else None
     out = Path(args.out) if args.out else RESULTS / f"paper_budget_cpu_eps{epsilon:g}".replace(".", "_")
     info = machine("cpu", args)
     info.update(
         epsilon=epsilon,
-        attacks={key: attack.describe(epsilon) for key, attack in test_attacks.items()},
+        attacks={key: attack.describe(epsilon) for key, attack in test_attacks.items()}
+        | (autoattack_descriptions(aa_subset, epsilon) if aa_subset is not None else {}),
         validation_attack=f"{validation_attack.describe(epsilon)} on {len(validation)} held-out training images",
         test_images=len(data.test_set),
         training_images=len(data.train_set),
@@ -177,14 +192,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         ):
             continue
         log(f"{name}: {epochs} epochs, peak lr {lr:g}: started")
-        module, run = train(module_class, epochs, arguments, lr, data, args.seed)
+        cache = cache_file(args.models, name, epochs, lr)
+        module, run = train(module_class, epochs, arguments, lr, data, args.seed, cache)
         row: dict[str, Any] = {"method": name, "epochs": epochs, "arguments": arguments, **run}
         if not run["diverged"]:
             row["validation_pgd10"] = accuracy(module, validation, validation_attack, args.seed, epsilon)
             for key, attack in test_attacks.items():
                 row[key] = accuracy(module, data.test_set, attack, args.seed, epsilon)
+            if aa_subset is not None:
+                row.update(autoattack_columns(module, aa_subset, args.seed, epsilon))
         rows.append(row)
-        scores = ", ".join(f"{key} {row[key]:.2f} %" for key in test_attacks if key in row) or "diverged"
+        scores = ", ".join(f"{key} {row[key]:.2f}" for key in info["attacks"] if key in row) or "diverged"
         score = row.get("validation_pgd10", float("nan"))
         log(f"{name}: {row['cpu_minutes']:.2f} CPU min; val PGD-10 {score:.2f} %; {scores}")
         info["total_minutes"] = (time.perf_counter() - start) / 60.0

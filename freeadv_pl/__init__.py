@@ -14,6 +14,7 @@ from freeadv_pl.data import (
     ImageNetDataModule,
     VisionDataModule,
 )
+from freeadv_pl.autoattack import AutoAttackSpec
 from freeadv_pl.evaluation import ATTACK_PRESETS, AttackSpec
 from freeadv_pl.models import InputNormalization, PreActResNet18, SmallCNN, WideResNet
 from freeadv_pl.modules import (
@@ -30,6 +31,7 @@ __all__ = [
     "ATTACK_PRESETS",
     "AdversarialExamplesLogger",
     "AttackSpec",
+    "AutoAttackSpec",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "CatastrophicOverfittingGuard",

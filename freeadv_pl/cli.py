@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from freeadv_pl.data.base import VisionDataModule
+from freeadv_pl.export import main as export_main
 from freeadv_pl.modules.base import ClassifierModule, check_trainer_for_manual_optimization
 
 
@@ -90,5 +91,9 @@ def build_cli(args: list[str] | None = None) -> FreeAdvCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """The ``freeadv_pl`` console script."""
+    """The ``freeadv_pl`` console script: LightningCLI's subcommands, and ``export`` (:func:`freeadv_pl.export.main`)."""
+    args = sys.argv[1:] if args is None else args
+    if args and args[0] == "export":
+        export_main(args[1:])
+        return
     build_cli(args)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from freeadv_pl._checks import as_pixel_fraction, check_choice, check_int
 from freeadv_pl._modes import temporary_mode
 from freeadv_pl.attacks import pgd
+from freeadv_pl.autoattack import AutoAttackSpec
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
 """Maps (model, images, labels) to adversarial images, e.g. ``functools.partial(pgd, epsilon=0.1, ...)``."""
@@ -158,7 +159,10 @@ def _pixels(value: float) -> str:
     return f"{levels}/255" if abs(levels - value * 255) < 1e-6 else f"{value:g}"
 
 
-ATTACK_PRESETS: dict[str, tuple[AttackSpec, ...]] = {
+SuiteAttack = AttackSpec | AutoAttackSpec
+"""One column of an evaluation suite."""
+
+ATTACK_PRESETS: dict[str, tuple[SuiteAttack, ...]] = {
     # The paper's CIFAR evaluation (ε = 8/255, step 2/255).
     "cifar": (
         AttackSpec(steps=0),
@@ -176,5 +180,9 @@ ATTACK_PRESETS: dict[str, tuple[AttackSpec, ...]] = {
     ),
     # A cheap check during training: natural and PGD-20 (step ε/4).
     "pgd20": (AttackSpec(steps=0), AttackSpec(steps=20)),
+    # RobustBench's number: AutoAttack's standard version, beside PGD-20 (step ε/4) for the gradient-masking check.
+    "autoattack": (AttackSpec(steps=0), AttackSpec(steps=20), AutoAttackSpec()),
+    # A cheaper AutoAttack-style check for the end of each epoch: APGD-CE, then APGD-DLR.
+    "apgd": (AttackSpec(steps=0), AutoAttackSpec(version="apgd")),
 }
 """Attack suites by name, for ``RobustEvaluation(attacks="cifar")``."""

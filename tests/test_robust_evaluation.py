@@ -104,12 +104,36 @@ def test_validate_and_test_run_under_inference_mode_and_report(tmp_path, capsys)
     (tested,) = trainer.test(module, loader, verbose=False)
     assert {"test/robust/natural", "test/robust/pgd5", "test/robust/cw5"} <= set(tested)
     printed = capsys.readouterr().out
-    assert "on 40 test images" in printed and "| natural | PGD-5 | CW-5 |" in printed
+    assert "on 40 test images" in printed and "| natural | PGD-5 | CW-5 | worst case |" in printed
     assert "CW-5 (CW loss, ε = 0.1, step 0.03, 1 random start)" in printed
     saved = json.loads((tmp_path / "robust_accuracy.json").read_text())
-    assert [row["key"] for row in saved["attacks"]] == ["natural", "pgd5", "cw5"]
+    assert [row["key"] for row in saved["attacks"]] == ["natural", "pgd5", "cw5", "worst"]
     assert saved["attacks"][1]["accuracy"] == pytest.approx(tested["test/robust/pgd5"])
     assert (tmp_path / "robust_accuracy.csv").read_text().startswith("attack,key,accuracy,description")
+
+
+def test_the_worst_case_column_is_the_per_example_minimum(tmp_path):
+    module = trained_tiny_module()
+    suite = [AttackSpec(steps=0), AttackSpec(steps=5, step_size=0.03), AttackSpec(steps=5, step_size=0.03, loss="cw")]
+    callback = RobustEvaluation(suite, epsilon=EPSILON, test_num_samples=40, seed=3)
+    dataset = banded_dataset(60, seed=3)
+    (tested,) = quiet_trainer(callbacks=[callback]).test(module, DataLoader(dataset, batch_size=16), verbose=False)
+    # By hand: the seeded subset in batches of 16, batch b's starts seeded with seed + b, an example robust only if
+    # every column classifies it correctly.
+    chosen = sorted(torch.randperm(60, generator=torch.Generator().manual_seed(3))[:40].tolist())
+    module.eval()
+    robust = []
+    for number, start in enumerate(range(0, 40, 16)):
+        x, y = dataset.tensors[0][chosen[start : start + 16]], dataset.tensors[1][chosen[start : start + 16]]
+        unbroken = torch.ones_like(y, dtype=torch.bool)
+        for attack in suite:
+            x_adv = attack(module, x, y, EPSILON, torch.Generator().manual_seed(3 + number))
+            unbroken &= module(x_adv).argmax(dim=1) == y
+        robust.append(unbroken)
+    expected = float(torch.cat(robust).float().mean())
+    assert tested["test/robust/worst"] == pytest.approx(expected)
+    assert all(tested["test/robust/worst"] <= tested[f"test/robust/{attack.key}"] for attack in suite)
+    assert tested["test/robust/worst"] < tested["test/robust/natural"], "the attacks remove some accuracy"
 
 
 def test_restarts_never_do_better_than_their_first_start():
@@ -199,17 +223,19 @@ import torch
 from torch.utils.data import DataLoader
 sys.path.insert(0, {tests!r})
 from conftest import banded_dataset, quiet_trainer, tiny_cnn
-from freeadv_pl import AttackSpec, NaturalModule, RobustEvaluation
+from freeadv_pl import AttackSpec, AutoAttackSpec, NaturalModule, RobustEvaluation
 
 torch.manual_seed(0)
 module = NaturalModule(tiny_cnn(), 3)
 module.load_state_dict(torch.load({weights!r}))
-suite = [AttackSpec(steps=0), AttackSpec(steps=5, step_size=0.03, random_start=False)]
+# Random starts included: each batch has the same examples and seed whatever the number of processes.
+suite = [AttackSpec(steps=0), AttackSpec(steps=5, step_size=0.03), AutoAttackSpec(version="apgd", steps=10)]
 callback = RobustEvaluation(suite, epsilon=0.1, num_samples=51, batch_size=8)
 trainer = quiet_trainer(accelerator="cpu", devices={devices}, strategy={strategy!r}, callbacks=[callback])
 (result,) = trainer.validate(module, DataLoader(banded_dataset(77, seed=5), batch_size=16), verbose=False)
-print(f"RESULT rank={{trainer.global_rank}} natural={{result['val/robust/natural']:.10f}} "
-      f"pgd5={{result['val/robust/pgd5']:.10f}} examples={{callback.results['validate']['examples']}}", flush=True)
+print(f"RESULT rank={{trainer.global_rank}} " + " ".join(f"{{key}}={{result['val/robust/' + key]:.10f}}"
+      for key in ("natural", "pgd5", "apgd", "worst")) + f" examples={{callback.results['validate']['examples']}}",
+      flush=True)
 """
 
 
@@ -228,6 +254,6 @@ def test_two_process_ddp_gives_the_one_process_number(tmp_path):
     ranks = _run_script(tmp_path, weights, devices=2, strategy="ddp")
     assert len(ranks) == 2
     expected = single.split(" ", 2)[2]
-    assert "examples=51" in expected, "51 examples: an odd subset split 26 + 25, nothing padded"
+    assert "examples=51" in expected, "51 examples in 7 batches: 4 on one process, 3 on the other, nothing padded"
     for line in ranks:
         assert line.split(" ", 2)[2] == expected

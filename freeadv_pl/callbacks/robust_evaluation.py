@@ -13,28 +13,39 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics.aggregation import SumMetric
 from typing_extensions import override
 
 from freeadv_pl._checks import as_pixel_fraction, check_int
 from freeadv_pl._modes import temporary_mode
-from freeadv_pl.evaluation import ATTACK_PRESETS, AttackSpec
+from freeadv_pl.autoattack import AutoAttackSpec
+from freeadv_pl.evaluation import ATTACK_PRESETS, AttackSpec, SuiteAttack
 
 _PREFIX = {"validate": "val", "test": "test"}
+WORST = "worst"
+MASKING_GAP = 0.05  # AutoAttack this far below PGD-20 on the same examples: PGD's gradients mislead it
 
 
-def _suite(attacks: str | Sequence[AttackSpec], name: str) -> tuple[AttackSpec, ...]:
+def _suite(attacks: str | Sequence[SuiteAttack], name: str) -> tuple[SuiteAttack, ...]:
     if isinstance(attacks, str):
         if attacks not in ATTACK_PRESETS:
             raise ValueError(f"{name}={attacks!r} is not a preset: use one of {', '.join(ATTACK_PRESETS)} or a list")
-        return ATTACK_PRESETS[attacks]
-    suite = tuple(attacks)
-    if not suite or not all(isinstance(attack, AttackSpec) for attack in suite):
-        raise ValueError(f"{name} must be a preset name or a non-empty list of AttackSpec, got {attacks!r}")
-    keys = [attack.key for attack in suite]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"{name} has attacks with the same name ({keys}): give them distinct `name`s")
+        suite = ATTACK_PRESETS[attacks]
+    else:
+        suite = tuple(attacks)
+        if not suite or not all(isinstance(attack, (AttackSpec, AutoAttackSpec)) for attack in suite):
+            raise ValueError(
+                f"{name} must be a preset name or a non-empty list of AttackSpec/AutoAttackSpec, got {attacks!r}"
+            )
+        keys = [attack.key for attack in suite]
+        if len(set(keys)) != len(keys) or WORST in keys:
+            raise ValueError(
+                f"{name} has attacks with the same name, or one named {WORST!r} (the worst-case column's): {keys}. "
+                "Give them distinct `name`s."
+            )
+    if any(isinstance(attack, AutoAttackSpec) for attack in suite):
+        AutoAttackSpec.ensure_available()  # before training, not at its end
     return suite
 
 
@@ -42,23 +53,31 @@ class RobustEvaluation(Callback):
     """Accuracy under a suite of L∞ attacks on a fixed, seeded subset, at the end of validation and test epochs.
 
     Logs ``val/robust/<key>`` (``test/robust/<key>`` under ``trainer.test``) for each attack, e.g.
-    ``val/robust/natural`` (clean accuracy on the same subset) and ``val/robust/pgd20``: usable as ``monitor`` in
-    ``ModelCheckpoint`` or ``EarlyStopping``. The attacks run in the model's eval mode (restored afterwards), under
-    ``torch.inference_mode(False)`` and ``torch.enable_grad()``, so they work inside ``fit`` and under
-    ``trainer.validate``/``trainer.test``; the sanity check is skipped. Under DDP the subset is split between the
-    processes with no example repeated, correct and total counts are summed over the processes, and every process
-    logs the same number. After ``trainer.test`` the results are printed as a table in the paper's layout and
-    written to ``robust_accuracy.json`` and ``.csv`` in the logger's folder.
+    ``val/robust/natural`` (clean accuracy on the same subset) and ``val/robust/pgd20``, and ``val/robust/worst``:
+    the per-example worst case over the suite (an example counts only if every column, natural included, classifies
+    it correctly). Each is usable as ``monitor`` in ``ModelCheckpoint`` or ``EarlyStopping``. The attacks run in
+    the model's eval mode (restored afterwards), under ``torch.inference_mode(False)`` and ``torch.enable_grad()``,
+    so they work inside ``fit`` and under ``trainer.validate``/``trainer.test``; the sanity check is skipped. After
+    ``trainer.test`` the results are printed as a table in the paper's layout and written to
+    ``robust_accuracy.json`` and ``.csv`` in the logger's folder.
 
-    Random starts come from a generator seeded with ``seed`` + the batch's index, the same for every attack of the
-    suite and every evaluation: successive epochs face the same starts, and a multi-restart attack's first restart
-    is the single-restart attack's start, so it is never weaker. Across different numbers of processes the batches
-    differ, so the numbers agree in distribution (exactly with ``random_start=False``).
+    The subset is cut into batches in a fixed order; batch ``b``'s random starts come from a generator seeded with
+    ``seed + b``, the same for every attack of the suite and every evaluation: successive epochs face the same
+    starts, and a multi-restart attack's first restart is the single-restart attack's start, so it is never weaker.
+    Under DDP each process takes every world_size-th batch and the counts are summed over the processes, so every
+    process logs the figure a single process gets, with the same batches and the same starts.
+
+    Warnings, from the first batch: outputs that look like probabilities, and inputs with zero gradient. After a
+    suite with PGD-20 and AutoAttack: AutoAttack's accuracy more than 5 points below PGD-20's on the same examples,
+    the sign that PGD's gradients are masked.
 
     Args:
-        attacks: the validation suite: a preset name (``"pgd20"``: natural + PGD-20 with step ε/4; ``"cifar"``:
-            the paper's natural, PGD-20, PGD-100, CW-100, 10-restart PGD-20 with step 2/255; ``"imagenet"``:
-            natural, PGD-10, PGD-50, PGD-100 with step 1/255) or a list of :class:`AttackSpec`.
+        attacks: the validation suite: a preset name or a list of :class:`AttackSpec`/:class:`AutoAttackSpec`.
+            Presets: ``"pgd20"``: natural + PGD-20 with step ε/4; ``"cifar"``: the paper's natural, PGD-20,
+            PGD-100, CW-100, 10-restart PGD-20 with step 2/255; ``"imagenet"``: natural, PGD-10, PGD-50, PGD-100
+            with step 1/255; ``"autoattack"``: natural, PGD-20 (step ε/4) and AutoAttack's standard version;
+            ``"apgd"``: natural and APGD-CE then APGD-DLR (the last two need ``pip install
+            "freeadv_pl[autoattack]"``).
         epsilon: the L∞ radius (a float or ``"8/255"``); None takes the training module's ``epsilon`` (required
             when the module has none, e.g. ``NaturalModule``).
         num_samples: size of the validation subset (seeded; None: the whole validation set).
@@ -71,8 +90,9 @@ class RobustEvaluation(Callback):
             and so the attack: off by default, and not for reported numbers.
 
     Raises:
-        ValueError: on an unknown preset, an empty or duplicated suite, a size < 1, or (at the first evaluation)
-            when no ε is given and the module has none.
+        ValueError: on an unknown preset, an empty or duplicated suite (or an attack named ``worst``), a size < 1,
+            or (at the first evaluation) when no ε is given and the module has none.
+        ModuleNotFoundError: on an AutoAttack suite without torchattacks.
 
     Example:
         >>> callback = RobustEvaluation(attacks="cifar", epsilon="8/255", num_samples=1000)
@@ -82,11 +102,11 @@ class RobustEvaluation(Callback):
 
     def __init__(
         self,
-        attacks: str | Sequence[AttackSpec] = "pgd20",
+        attacks: str | Sequence[SuiteAttack] = "pgd20",
         epsilon: float | str | None = None,
         num_samples: int | None = 1000,
         every_n_epochs: int = 1,
-        test_attacks: str | Sequence[AttackSpec] | None = None,
+        test_attacks: str | Sequence[SuiteAttack] | None = None,
         test_num_samples: int | None = None,
         batch_size: int | None = None,
         seed: int = 0,
@@ -110,7 +130,7 @@ class RobustEvaluation(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Counters are made here, not in __init__, so that spawned processes do not share them (docs/design.md,
         # "Distributed evaluation and metrics").
-        keys = {attack.key for attack in (*self.attacks, *self.test_attacks)}
+        keys = {attack.key for attack in (*self.attacks, *self.test_attacks)} | {WORST}
         self._correct = {key: SumMetric() for key in keys}
         self._total = SumMetric()
 
@@ -147,7 +167,9 @@ class RobustEvaluation(Callback):
             )
         return float(epsilon)
 
-    def _loader(self, trainer: Trainer, stage: str) -> DataLoader:
+    def _batches(self, trainer: Trainer, stage: str) -> tuple[Dataset, list[tuple[int, list[int]]]]:
+        """The dataset and this process's ``(batch number, dataset indices)``: the seeded subset in batches, every
+        world_size-th batch to each process (docs/design.md, "Distributed evaluation and metrics")."""
         loaders = trainer.val_dataloaders if stage == "validate" else trainer.test_dataloaders
         if isinstance(loaders, dict):
             loaders = next(iter(loaders.values()))
@@ -158,16 +180,11 @@ class RobustEvaluation(Callback):
         size = len(dataset) if size is None else min(size, len(dataset))
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))
         chosen = sorted(order[:size].tolist())
-        # Each process takes every world_size-th example: no example is counted twice (docs/design.md, "Distributed
-        # evaluation and metrics").
-        shard = chosen[trainer.global_rank :: trainer.world_size]
-        return DataLoader(
-            Subset(dataset, shard),
-            batch_size=self.batch_size or loaders.batch_size or 128,
-            shuffle=False,
-            num_workers=loaders.num_workers,
-            pin_memory=loaders.pin_memory,
-        )
+        batch_size = self.batch_size or loaders.batch_size or 128
+        batches = [chosen[start : start + batch_size] for start in range(0, len(chosen), batch_size)]
+        mine = list(enumerate(batches))[trainer.global_rank :: trainer.world_size]
+        self._loader_settings = {"num_workers": loaders.num_workers, "pin_memory": loaders.pin_memory}
+        return dataset, mine
 
     def _run(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         suite = self.attacks if stage == "validate" else self.test_attacks
@@ -183,29 +200,51 @@ class RobustEvaluation(Callback):
         for metric in (*self._correct.values(), self._total):
             metric.to(device).reset()
             metric.update(zero)  # a process with no example still takes part in the sum
+        dataset, batches = self._batches(trainer, stage)
+        loader = DataLoader(dataset, batch_sampler=[indices for _, indices in batches], **self._loader_settings)
         with temporary_mode(pl_module, training=False):
-            for batch_index, (x, y) in enumerate(self._loader(trainer, stage)):
+            for (number, _), (x, y) in zip(batches, loader, strict=True):
                 x, y = x.to(device), y.to(device)
                 if not self._checked:
                     self._sanity_checks(pl_module, x, y)
+                unbroken = torch.ones_like(y, dtype=torch.bool)
                 for attack in suite:
                     # Every attack starts from the same random draws on a batch: a multi-restart attack's first
                     # restart is the single-restart attack, so it is never weaker.
-                    generator.manual_seed(self.seed + batch_index)
+                    generator.manual_seed(self.seed + number)
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
                         x_adv = attack(pl_module, x, y, epsilon, generator)
                         with torch.no_grad():
-                            correct = (pl_module(x_adv).argmax(dim=1) == y).sum()
-                    self._correct[attack.key].update(correct.float())
+                            correct = pl_module(x_adv).argmax(dim=1) == y
+                    unbroken &= correct
+                    self._correct[attack.key].update(correct.sum().float())
+                self._correct[WORST].update(unbroken.sum().float())
                 self._total.update(torch.tensor(float(len(y)), device=device))
         total = self._total.compute()  # summed over the processes
         prefix = _PREFIX[stage]
         results = {}
-        for attack in suite:
-            accuracy = self._correct[attack.key].compute() / total
-            results[attack.key] = float(accuracy)
-            pl_module.log(f"{prefix}/robust/{attack.key}", accuracy, prog_bar=attack.steps > 0, sync_dist=False)
+        for key in (*(attack.key for attack in suite), WORST):
+            accuracy = self._correct[key].compute() / total
+            results[key] = float(accuracy)
+            pl_module.log(f"{prefix}/robust/{key}", accuracy, prog_bar=key not in ("natural", WORST), sync_dist=False)
         self.results[stage] = results | {"examples": int(total), "epsilon": epsilon}
+        self._check_masking(suite, results)
+
+    def _check_masking(self, suite: Sequence[SuiteAttack], results: dict[str, float]) -> None:
+        """Warn when AutoAttack finds far fewer robust examples than PGD-20 on the same ones."""
+        pgd20 = next(
+            (a for a in suite if isinstance(a, AttackSpec) and (a.steps, a.loss, a.restarts) == (20, "ce", 1)), None
+        )
+        for attack in suite:
+            if not (isinstance(attack, AutoAttackSpec) and attack.version == "standard") or pgd20 is None:
+                continue
+            gap = results[pgd20.key] - results[attack.key]
+            if gap > MASKING_GAP:
+                rank_zero_warn(
+                    f"AutoAttack's accuracy ({100 * results[attack.key]:.1f} %) is {100 * gap:.1f} points below "
+                    f"PGD-20's ({100 * results[pgd20.key]:.1f} %) on the same examples: the model likely masks its "
+                    "gradients, so PGD numbers overstate its robustness. Report AutoAttack's."
+                )
 
     def _sanity_checks(self, model: torch.nn.Module, x: Tensor, y: Tensor) -> None:
         """AutoAttack-style checks on the first batch: probabilities as outputs, zero input gradients."""
@@ -228,15 +267,26 @@ class RobustEvaluation(Callback):
     def _report(self, trainer: Trainer, pl_module: LightningModule) -> None:
         result = self.results["test"]
         epsilon = result["epsilon"]
+        classes = getattr(pl_module, "num_classes", 10)
         rows = [
             {
                 "attack": attack.title,
                 "key": attack.key,
                 "accuracy": result[attack.key],
-                "description": attack.describe(epsilon),
+                "description": (
+                    attack.describe(epsilon, classes) if isinstance(attack, AutoAttackSpec) else attack.describe(epsilon)
+                ),
             }
             for attack in self.test_attacks
         ]
+        rows.append(
+            {
+                "attack": "worst case",
+                "key": WORST,
+                "accuracy": result[WORST],
+                "description": "per example, the worst of the columns: correct only if correct under every one",
+            }
+        )
         header = "| " + " | ".join(row["attack"] for row in rows) + " |"
         lines = [
             f"Accuracy (%) of {type(pl_module).__name__} on {result['examples']:,} test images:",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -17,6 +19,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 
 from freeadv_pl._checks import check_choice, check_int, check_positive
+from freeadv_pl.export import export_classifier
 from freeadv_pl.models.normalization import InputNormalization
 
 
@@ -113,6 +116,7 @@ class ClassifierModule(LightningModule):
         self.on_nonfinite_loss = check_choice(on_nonfinite_loss, "on_nonfinite_loss", ("raise", "skip"))
         self.automatic_optimization = False
         self._inputs_checked = False
+        self.input_shape: tuple[int, ...] | None = None  # one image's, from the first batch (saved in checkpoints)
         self._compiled = False
         self._training_logged = False
         self._finite_losses: list[Tensor] = []  # one device-side flag per optimizer step of the current batch
@@ -168,6 +172,7 @@ class ClassifierModule(LightningModule):
             self._check_pixel_range(batch[0])
             self._check_labels(batch[1])
             self._inputs_checked = True
+            self.input_shape = tuple(batch[0].shape[1:])
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._finite_losses:
@@ -230,8 +235,37 @@ class ClassifierModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[_MODULE_KEY] = _lineage(type(self))
+        if self.input_shape is not None:
+            checkpoint[_INPUT_SHAPE_KEY] = list(self.input_shape)
+
+    def export(self, path: str | os.PathLike, input_shape: Sequence[int] | None = None) -> dict[str, Path]:
+        """Write the model for use without freeadv_pl: ``path`` (``model.pt2``), a ``torch.export`` program taking
+        images in [0, 1] with the normalization inside; ``model.backbone.pt``, the backbone's ``state_dict``; and
+        ``model.json``, its description (mean, std, input shape). Load it with
+        ``torch.export.load("model.pt2").module()``. See :func:`freeadv_pl.export.export_classifier`.
+
+        Args:
+            path: the program's file, ending in ``.pt2``.
+            input_shape: one image's shape; None: the one the module trained on (recorded from the first training
+                batch and kept in checkpoints).
+
+        Raises:
+            ValueError: when no input shape is known or given, or the backbone cannot be traced.
+        """
+        shape = input_shape if input_shape is not None else self.input_shape
+        if shape is None:
+            raise ValueError(
+                "the module has not seen a training batch, so its input shape is unknown: pass input_shape, e.g. "
+                "module.export('model.pt2', input_shape=(3, 32, 32)) (freeadv_pl export --input_shape 3,32,32)."
+            )
+        info = {"module": f"{type(self).__module__}.{type(self).__qualname__}", "num_classes": self.num_classes}
+        if getattr(self, "epsilon", None) is not None:
+            info["trained_epsilon"] = float(self.epsilon)
+        return export_classifier(self.model, path, shape, info)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get(_INPUT_SHAPE_KEY):
+            self.input_shape = tuple(checkpoint[_INPUT_SHAPE_KEY])
         saved, own = checkpoint.get(_MODULE_KEY), _lineage(type(self))
         if saved and saved[0] not in own and own[0] not in saved:
             written_by, loader = saved[0].rsplit(".", 1)[-1], own[0].rsplit(".", 1)[-1]
@@ -317,6 +351,8 @@ class ClassifierModule(LightningModule):
 
 _MODULE_KEY = "freeadv_pl_module"
 """Checkpoint key of the classes that wrote it (most derived first), checked when a checkpoint is loaded."""
+_INPUT_SHAPE_KEY = "freeadv_pl_input_shape"
+"""Checkpoint key of one training image's shape, for ``export``."""
 
 
 def _lineage(module_class: type) -> list[str]:
