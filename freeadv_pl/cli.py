@@ -77,9 +77,9 @@ def _imported_class(class_path: str) -> type | None:
     return found if isinstance(found, type) else None
 
 
-def build_cli(args: list[str] | None = None) -> FreeAdvCLI:
+def build_cli(args: ArgsType = None, run: bool = True) -> FreeAdvCLI:
     """Parse ``args`` (``sys.argv[1:]`` when None), run the subcommand and return the CLI (``.model``, ``.trainer``,
-    ``.datamodule``)."""
+    ``.datamodule``); with ``run=False``, ``args`` is a config without a subcommand, and nothing runs."""
     return FreeAdvCLI(
         ClassifierModule,
         VisionDataModule,
@@ -87,6 +87,7 @@ def build_cli(args: list[str] | None = None) -> FreeAdvCLI:
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 
