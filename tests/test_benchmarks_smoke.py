@@ -81,6 +81,7 @@ def test_the_whole_run_script_runs_on_a_tiny_size(tmp_path):
 def test_accuracy_vs_time_runs_on_a_tiny_size(tmp_path):
     out = tmp_path / "accuracy"
     arguments = ["--train-size", "512", "--val-size", "128", "--val-eval-size", "64", "--test-size", "64"]
+    arguments += ["--autoattack-size", "8"]
     threads = torch.get_num_threads()
     try:  # one thread, the script's default: two oversubscribe a busy 2-core machine (measured 10× slower)
         rows = accuracy_vs_time.main([*arguments, "--lr-grid", "0.05", "--note", "a test", "--out", str(out)])
@@ -91,7 +92,8 @@ def test_accuracy_vs_time_runs_on_a_tiny_size(tmp_path):
     # The budget rule in the numbers: every row but the N-epoch PGD-7 costs natural training's passes.
     passes = {row["method"]: row["passes"] for row in rows}
     assert passes["PGD-7"] == 8 * passes["natural"] and passes["Free-8"] == passes["FGSM-RS"] == passes["natural"]
-    assert all(0 <= row[key] <= 100 for row in rows for key in ("natural", "PGD-20", "CW-20"))
+    assert all(0 <= row[key] <= 100 for row in rows for key in ("natural", "PGD-20", "CW-20", "AutoAttack"))
+    assert all(row["AutoAttack"] <= row["PGD-20 (AA images)"] for row in rows)
     assert all(row["lr"] == 0.05 and len(row["grid"]) == 1 and row["cpu_minutes"] > 0 for row in rows)
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["machine"]["attacks"]["PGD-20"] == "PGD-20 (CE loss, ε = 0.1, step 0.025, 1 random start)"
@@ -105,6 +107,7 @@ def test_accuracy_vs_time_runs_on_a_tiny_size(tmp_path):
 @needs_fashion_mnist
 def test_paper_budget_runs_on_a_tiny_size_and_merges_its_parts(tmp_path):
     sizes = ["--train-size", "256", "--val-size", "128", "--val-eval-size", "32", "--test-size", "64", "--epochs", "8"]
+    sizes += ["--autoattack-size", "8", "--models", str(tmp_path / "models")]
     recipes = ["--free", "m=8,memory=example,step=0.5,noise=1", "--free", "m=4,memory=batch,reset=1,warmup=1"]
     threads = torch.get_num_threads()
     try:
@@ -133,4 +136,8 @@ def test_paper_budget_runs_on_a_tiny_size_and_merges_its_parts(tmp_path):
     saved = json.loads((tmp_path / "m.json").read_text())
     assert len(saved["machine"]["parts"]) == 2 and saved["machine"]["training_images"] == 256
     assert "| Free-8 example, step 0.5ε, noise 1 | 1 |" in (tmp_path / "m.md").read_text()
+    assert "AutoAttack, standard version" in (tmp_path / "m.md").read_text()
+    # --models: a second run loads the trained models instead of training them, and scores them alike.
+    again = paper_budget.main([*sizes, "--methods", "FGSM-RS", "--out", str(tmp_path / "c")])
+    assert again[0]["cpu_minutes"] == second[0]["cpu_minutes"] and again[0]["PGD-20"] == second[0]["PGD-20"]
     assert (tmp_path / "m.png").stat().st_size > 10_000
