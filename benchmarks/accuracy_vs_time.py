@@ -8,7 +8,8 @@ FGSM-RS and Free), the peak chosen per method from ``--lr-grid`` on a held-out v
 accuracy for natural training, the highest PGD-10 accuracy (CE, step ε/4, 1 random start) for the adversarial
 methods; a run whose loss turns NaN/inf is out of the choice. Every run starts from the same seeded weights and
 batch order. Only the chosen run of each method is evaluated on the test set: natural, PGD-20 and CW-20 accuracy
-(step ε/4, 1 random start). Each fit is timed as wall time and as this process's CPU time (all its threads; less
+(step ε/4, 1 random start), and AutoAttack (standard version) with PGD-20 beside it on ``--autoattack-size``
+seeded test images. ``--models DIR`` keeps each trained model; a later run loads it instead of training. Each fit is timed as wall time and as this process's CPU time (all its threads; less
 sensitive to other work on a shared machine). Torch runs one thread by default: on a busy 2-core machine, two
 threads ran natural training 10× slower (and its CPU time too) while one thread kept its pace.
 

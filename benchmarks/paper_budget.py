@@ -12,8 +12,10 @@ Every method is trained with SGD (momentum 0.9, weight decay 5e-4, batch 128) an
 method family (``--lr-natural``, ``--lr-free``, ``--lr-pgd``, ``--lr-fgsm``; the defaults are what
 ``accuracy_vs_time.py`` chose on validation at N = 8). Seed 0 for every run: the same initial weights and batch
 order. Each trained model is scored on ``--val-eval-size`` held-out training images with PGD-10 (the number to
-choose a recipe by) and on the test set with natural, PGD-20 and CW-20 accuracy (step ε/4, 1 random start). The
-results files are rewritten after every row, so an interrupted run keeps what it finished.
+choose a recipe by) and on the test set with natural, PGD-20 and CW-20 accuracy (step ε/4, 1 random start), and
+AutoAttack's standard version with PGD-20 beside it on ``--autoattack-size`` seeded test images (needs torchattacks;
+0 skips it). The results files are rewritten after every row, so an interrupted run keeps what it finished;
+``--models DIR`` keeps each trained model, and a later run loads it instead of training (to add attacks).
 
     python benchmarks/paper_budget.py --epochs 80 --note "..."       # hours on one core: see benchmarks/README.md
 """
