@@ -117,7 +117,8 @@ def test_the_worst_case_column_is_the_per_example_minimum(tmp_path):
     suite = [AttackSpec(steps=0), AttackSpec(steps=5, step_size=0.03), AttackSpec(steps=5, step_size=0.03, loss="cw")]
     callback = RobustEvaluation(suite, epsilon=EPSILON, test_num_samples=40, seed=3)
     dataset = banded_dataset(60, seed=3)
-    (tested,) = quiet_trainer(callbacks=[callback]).test(module, DataLoader(dataset, batch_size=16), verbose=False)
+    trainer = quiet_trainer(callbacks=[callback], default_root_dir=tmp_path)  # the report's files land there
+    (tested,) = trainer.test(module, DataLoader(dataset, batch_size=16), verbose=False)
     # By hand: the seeded subset in batches of 16, batch b's starts seeded with seed + b, an example robust only if
     # every column classifies it correctly.
     chosen = sorted(torch.randperm(60, generator=torch.Generator().manual_seed(3))[:40].tolist())

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchmetrics.aggregation import SumMetric
 from typing_extensions import override
 
@@ -167,8 +167,8 @@ class RobustEvaluation(Callback):
             )
         return float(epsilon)
 
-    def _batches(self, trainer: Trainer, stage: str) -> tuple[Dataset, list[tuple[int, list[int]]]]:
-        """The dataset and this process's ``(batch number, dataset indices)``: the seeded subset in batches, every
+    def _batches(self, trainer: Trainer, stage: str) -> tuple[list[int], DataLoader]:
+        """This process's batch numbers and a loader of its batches: the seeded subset in batches, every
         world_size-th batch to each process (docs/design.md, "Distributed evaluation and metrics")."""
         loaders = trainer.val_dataloaders if stage == "validate" else trainer.test_dataloaders
         if isinstance(loaders, dict):
@@ -182,9 +182,14 @@ class RobustEvaluation(Callback):
         chosen = sorted(order[:size].tolist())
         batch_size = self.batch_size or loaders.batch_size or 128
         batches = [chosen[start : start + batch_size] for start in range(0, len(chosen), batch_size)]
-        mine = list(enumerate(batches))[trainer.global_rank :: trainer.world_size]
-        self._loader_settings = {"num_workers": loaders.num_workers, "pin_memory": loaders.pin_memory}
-        return dataset, mine
+        numbers = list(range(len(batches)))[trainer.global_rank :: trainer.world_size]
+        loader = DataLoader(
+            dataset,
+            batch_sampler=[batches[number] for number in numbers],
+            num_workers=loaders.num_workers,
+            pin_memory=loaders.pin_memory,
+        )
+        return numbers, loader
 
     def _run(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         suite = self.attacks if stage == "validate" else self.test_attacks
@@ -200,10 +205,9 @@ class RobustEvaluation(Callback):
         for metric in (*self._correct.values(), self._total):
             metric.to(device).reset()
             metric.update(zero)  # a process with no example still takes part in the sum
-        dataset, batches = self._batches(trainer, stage)
-        loader = DataLoader(dataset, batch_sampler=[indices for _, indices in batches], **self._loader_settings)
+        numbers, loader = self._batches(trainer, stage)
         with temporary_mode(pl_module, training=False):
-            for (number, _), (x, y) in zip(batches, loader, strict=True):
+            for number, (x, y) in zip(numbers, loader, strict=True):
                 x, y = x.to(device), y.to(device)
                 if not self._checked:
                     self._sanity_checks(pl_module, x, y)
