@@ -5,6 +5,7 @@ package's ``TrainingTime`` callback. The images are random (written here in CIFA
 measures time, not accuracy. No validation (timing only).
 
     python benchmarks/free_cifar10_run.py --device cuda --precision bf16-mixed --channels-last --workers 8
+    python benchmarks/free_cifar10_run.py --device cuda --precision bf16-mixed --channels-last --cuda-graph --workers 12
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--cuda-graph", action="store_true", help="FreeAdversarialModule(cuda_graph=True)")
     parser.add_argument("--replays", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--train-size", type=int, default=50000)
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             std=data.std,
             channels_last=args.channels_last,
             compile=args.compile,
+            cuda_graph=args.cuda_graph,
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.MultiStepLR(optimizer, [40000, 60000], 0.1),
         )
         timer = TrainingTime()
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     table = markdown_table([summary], columns)
     print(table)
-    out = args.out or RESULTS / f"free_cifar10_run_{args.device}_{args.precision}"
+    suffix = "_cuda_graph" if args.cuda_graph else ""
+    out = args.out or RESULTS / f"free_cifar10_run_{args.device}_{args.precision}{suffix}"
     title = f"Free-{args.replays} PreActResNet-18, {args.epochs} epochs of CIFAR-10-shaped data, {info['device']}"
     write_results(Path(out), title, info, [summary], table)
     return summary

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from freeadv_pl.data.fashion_mnist import DEBIAN_DIR
 
 FASHION_MNIST_AVAILABLE = (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file()
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_fashion_mnist = pytest.mark.skipif(
     not FASHION_MNIST_AVAILABLE, reason="real Fashion-MNIST missing: apt-get install dataset-fashion-mnist"
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import banded_dataset, quiet_trainer, tiny_dataset
+from conftest import banded_dataset, needs_cuda, quiet_trainer, tiny_dataset
 from lightning.pytorch import Callback
 from lightning.pytorch.plugins import MixedPrecision
 from test_optimizer_step import RecordingSGD
@@ -22,7 +22,6 @@ from freeadv_pl import (
     RobustEvaluation,
 )
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
 
 MODULES = {

@@ -8,10 +8,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from conftest import banded_dataset, quiet_trainer
+from conftest import banded_dataset, needs_cuda, quiet_trainer
 from freeadv_pl import FastAdversarialModule, FreeAdversarialModule, NaturalModule, PGDAdversarialModule
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 class OverflowingLinear(nn.Module):

@@ -19,13 +19,18 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 
 from freeadv_pl._checks import check_choice, check_int, check_positive
+from freeadv_pl._lightning_compat import count_optimizer_step, should_update_logs
 from freeadv_pl.export import export_classifier
 from freeadv_pl.models.normalization import InputNormalization
+from freeadv_pl.modules._step_path import direct_step_blocker
 
 
 def default_optimizer(params: Iterable[Any]) -> Optimizer:
-    """SGD with the paper's CIFAR settings: lr 0.1, momentum 0.9, weight decay 2e-4."""
-    return SGD(params, lr=0.1, momentum=0.9, weight_decay=2e-4)
+    """SGD with the paper's CIFAR settings: lr 0.1, momentum 0.9, weight decay 2e-4; fused (one kernel per step, and
+    steppable inside a CUDA graph) when every parameter is on a CUDA device."""
+    params = list(params)
+    on_cuda = bool(params) and all(p.is_cuda for p in params if isinstance(p, Tensor))
+    return SGD(params, lr=0.1, momentum=0.9, weight_decay=2e-4, fused=on_cuda or None)
 
 
 class ClassifierModule(LightningModule):
@@ -36,6 +41,13 @@ class ClassifierModule(LightningModule):
     package uses manual optimization and steps the learning-rate scheduler itself: once per optimizer step by
     default (schedules are written in optimizer steps, ``trainer.global_step``, whatever the number of steps per
     batch), or once per training epoch with ``lr_scheduler_interval="epoch"``.
+
+    Each optimizer step runs as plain ``loss.backward()`` and ``optimizer.step()`` on the wrapped optimizer, with
+    ``trainer.global_step`` advanced as Lightning does, when nothing else needs to take part in it: one device, a
+    precision without a loss scaler (``32-true``, ``bf16-mixed``), and no callback (nor subclass) implementing
+    ``on_before_backward``, ``on_after_backward`` or ``on_before_optimizer_step``. Otherwise each step goes through
+    ``manual_backward`` and ``LightningOptimizer.step`` with all their hooks. Both give the same weights
+    (docs/design.md, "The direct optimizer step").
 
     Validation and test log the natural accuracy and loss (``val/acc``, ``val/loss``, ``test/acc``,
     ``test/loss``); training logs ``train/loss`` and ``train/acc`` on the inputs of the last optimizer step.
@@ -120,6 +132,10 @@ class ClassifierModule(LightningModule):
         self._compiled = False
         self._training_logged = False
         self._finite_losses: list[Tensor] = []  # one device-side flag per optimizer step of the current batch
+        self._direct_step = False  # decided at the start of fit (direct_step_blocker)
+        self._zero_nonfinite = False  # on_nonfinite_loss="skip" without a loss scaler, decided at the start of fit
+        self._step_optimizer: Any = None  # the LightningOptimizer of this fit
+        self._lr_scheduler: Any = None  # and its LR scheduler (None without one)
         self._skipped_steps: Tensor | int = 0  # with on_nonfinite_loss="skip", on the device until the epoch's end
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
 
@@ -166,6 +182,11 @@ class ClassifierModule(LightningModule):
         self._training_logged = False
         self._finite_losses = []
         self._skipped_steps = 0
+        self._step_optimizer = self.optimizers()
+        self._lr_scheduler = self.lr_schedulers()
+        self._direct_step = direct_step_blocker(self.trainer, self, ClassifierModule) is None
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        self._zero_nonfinite = self.on_nonfinite_loss == "skip" and scaler is None
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self._inputs_checked:
@@ -188,7 +209,7 @@ class ClassifierModule(LightningModule):
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         # Lightning calls this inside optimizer.step(): after DDP's all-reduce and, under 16-mixed, after unscaling.
-        if self.on_nonfinite_loss == "skip" and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+        if self._zero_nonfinite:
             _zero_nonfinite_gradients(optimizer)
         if self.gradient_clip_norm is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_norm, gradient_clip_algorithm="norm")
@@ -211,7 +232,7 @@ class ClassifierModule(LightningModule):
         Returns:
             The loss and the logits, both still attached to the graph.
         """
-        optimizer = self.optimizers()
+        optimizer = self._step_optimizer or self.optimizers()
         logits = self(inputs)
         if logits.shape[-1] != self.num_classes:
             raise ValueError(
@@ -220,12 +241,25 @@ class ClassifierModule(LightningModule):
             )
         loss = F.cross_entropy(logits, y)
         optimizer.zero_grad()
-        self.manual_backward(loss)
-        self._finite_losses.append(torch.isfinite(loss.detach()))  # read in on_train_batch_end, not here (no sync)
-        optimizer.step()
+        if self._direct_step:
+            loss.backward()
+            self.on_before_optimizer_step(optimizer.optimizer)
+            optimizer.optimizer.step()
+        else:
+            self.manual_backward(loss)
+            optimizer.step()
+        self.after_optimizer_step(torch.isfinite(loss.detach()))
+        return loss, logits
+
+    def after_optimizer_step(self, finite: Tensor) -> None:
+        """What follows every optimizer step: keep its loss's finiteness flag (a device tensor, read once per batch in
+        ``on_train_batch_end``), advance ``trainer.global_step`` where the step was taken directly, and step the LR
+        scheduler (``lr_scheduler_interval="step"``)."""
+        self._finite_losses.append(finite)
+        if self._direct_step:
+            count_optimizer_step(self._step_optimizer)
         if self.lr_scheduler_interval == "step":
             self._step_lr_scheduler()
-        return loss, logits
 
     def on_train_epoch_end(self) -> None:
         if self.lr_scheduler_interval == "epoch":
@@ -278,9 +312,8 @@ class ClassifierModule(LightningModule):
             )
 
     def _step_lr_scheduler(self) -> None:
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
+        if self._lr_scheduler is not None:
+            self._lr_scheduler.step()
 
     def log_training(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
         """Log the loss and accuracy of the last optimizer step, as tensors (no host synchronisation here), on the
@@ -288,7 +321,7 @@ class ClassifierModule(LightningModule):
         ``trainer.log_every_n_steps`` batches); between them, the progress bar and ``trainer.callback_metrics`` show
         the last logged values. Each ``self.log`` costs Lightning's result bookkeeping, about 0.5 ms of host time: on
         a GPU, logging every batch slowed small models' training by several percent (benchmarks/README.md)."""
-        if self._training_logged and not self.trainer._logger_connector.should_update_logs:
+        if self._training_logged and not should_update_logs(self.trainer):
             return
         self._training_logged = True
         self.log("train/loss", loss.detach(), prog_bar=True)

@@ -7,12 +7,14 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from freeadv_pl._checks import as_pixel_fraction, check_choice, check_int
 from freeadv_pl.data.batch import unpack_batch
+from freeadv_pl.modules._cuda_graph import ReplayGraph, float_learning_rates, graph_blocker
 from freeadv_pl.modules._delta_bank import PerturbationBank
-from freeadv_pl.modules._perturbation import StoredPerturbation
+from freeadv_pl.modules._perturbation import StoredPerturbation, step_delta
 from freeadv_pl.modules.base import ClassifierModule
 
 
@@ -91,6 +93,7 @@ class FreeAdversarialModule(ClassifierModule):
         delta_start_noise: float = 0.0,
         delta_reset_every: int | None = None,
         epsilon_warmup_epochs: int = 0,
+        cuda_graph: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(backbone, num_classes, **kwargs)
@@ -107,6 +110,9 @@ class FreeAdversarialModule(ClassifierModule):
         self.epsilon_warmup_epochs = check_int(epsilon_warmup_epochs, "epsilon_warmup_epochs", minimum=0)
         self._delta = StoredPerturbation()
         self._bank = PerturbationBank(check_choice(delta_bank, "delta_bank", ("device", "cpu")))
+        self.cuda_graph = cuda_graph
+        self._graph: ReplayGraph | None = None
+        self.guard_delta = True  # whether a replay's δ update checks finiteness; decided at the start of fit
 
     @property
     def passes_per_batch(self) -> int:
@@ -121,6 +127,17 @@ class FreeAdversarialModule(ClassifierModule):
 
     def on_train_start(self) -> None:
         super().on_train_start()
+        # Only where a replay can go on after a non-finite loss or δ-gradient (on_nonfinite_loss="skip", or an fp16
+        # loss scaler) must its δ update be skippable; with "raise" the run stops at the batch's end.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        self.guard_delta = self.on_nonfinite_loss == "skip" or scaler is not None
+        self._graph = None
+        if self.cuda_graph:
+            reason = graph_blocker(self)
+            if reason is None:
+                self._graph = ReplayGraph(self)
+            else:
+                rank_zero_warn(f"cuda_graph=True: {reason}; Free-m's replays run eagerly.")
         if self.delta_memory == "example":
             dataset = getattr(self.trainer.train_dataloader, "dataset", None)
             try:
@@ -155,14 +172,16 @@ class FreeAdversarialModule(ClassifierModule):
         if self.delta_start_noise > 0:
             noise = torch.empty_like(delta).uniform_(-1.0, 1.0)
             delta.copy_((delta + self.delta_start_noise * epsilon * noise).clamp_(-epsilon, epsilon))
-        for _ in range(self.replays):
-            leaf = delta.clone().requires_grad_(True)
-            loss, logits = self.fit_step(torch.clamp(x + leaf, 0.0, 1.0), y)
-            with torch.no_grad():
-                grad = leaf.grad
-                stepped = (leaf + step_size * grad.sign()).clamp_(-epsilon, epsilon)
-                # torch.where instead of an `if`: skipping a non-finite replay costs no host synchronisation.
-                delta.copy_(torch.where(torch.isfinite(grad).all() & torch.isfinite(loss), stepped, leaf))
+        if self._graph is not None and self._graph.fits(x):
+            loss, logits = self._graph.run(x, y, delta, epsilon, step_size)
+        else:
+            for _ in range(self.replays):
+                leaf = delta.clone().requires_grad_(True)
+                loss, logits = self.fit_step(torch.clamp(x + leaf, 0.0, 1.0), y)
+                with torch.no_grad():
+                    step_delta(leaf, step_size, epsilon, self._finite_losses[-1] if self.guard_delta else None, delta)
+            if self._graph is not None:  # a batch of another shape (the last, smaller one) ran eagerly
+                self._graph.restore_gradients()
         if self.delta_memory == "example":
             self._bank.store(index, delta, stored, crop_flip)
         self.log_training(loss, logits, y)
@@ -185,6 +204,7 @@ class FreeAdversarialModule(ClassifierModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
+        float_learning_rates(checkpoint)  # the same checkpoint with or without cuda_graph
         if self.delta_memory == "example":
             self._bank.synchronise(self.trainer)  # collective: every process builds the checkpoint
             self._bank.save(checkpoint)
@@ -197,3 +217,4 @@ class FreeAdversarialModule(ClassifierModule):
             self._bank.load(checkpoint, self._trainer)
         else:
             self._delta.load(checkpoint, self._trainer)
+

@@ -1,0 +1,19 @@
+"""Every read of Lightning's private API in freeadv_pl, in one place; ``tests/test_lightning_compat.py`` pins each one
+against the installed Lightning, so that a release that changes them fails there first."""
+
+from __future__ import annotations
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.core.optimizer import LightningOptimizer
+
+
+def should_update_logs(trainer: Trainer) -> bool:
+    """Whether the Trainer writes logged metrics after the current batch (every ``log_every_n_steps`` batches)."""
+    return trainer._logger_connector.should_update_logs
+
+
+def count_optimizer_step(optimizer: LightningOptimizer) -> None:
+    """Advance ``trainer.global_step`` (and the optimizer-step profiler span) by one, as ``optimizer.step()`` does in
+    manual optimization, for a step the caller took on the wrapped optimizer itself."""
+    optimizer._on_before_step()
+    optimizer._on_after_step()
