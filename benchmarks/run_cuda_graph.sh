@@ -9,11 +9,12 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$(cd .. && pwd)${PYTHONPATH:+:$PYTHONPATH}
 out=${OUT:-results}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python -c "import torch, lightning; print('torch', torch.__version__, '| lightning', lightning.__version__)"
-(cd .. && timeout 240 python -m pytest -q -s -p no:cacheprovider tests/test_cuda_graph.py tests/test_cuda.py) 2>&1 | tee "$out/gpu_tests.log"
-timeout 150 python lightning_overhead.py --model preact_resnet18 --device cuda --precision bf16-mixed 2>&1 | grep -v "it/s" | tee "$out/overhead.log"
-timeout 240 python free_cifar10_run.py --device cuda --precision bf16-mixed --channels-last --cuda-graph --workers 12 2>&1 | tee "$out/run_graph.log"
-timeout 120 python free_cifar10_run.py --device cuda --precision bf16-mixed --channels-last --workers 12 --epochs 1 \
+(cd .. && timeout 150 python -m pytest -q -s -p no:cacheprovider tests/test_cuda_graph.py tests/test_cuda.py) 2>&1 | tee "$out/gpu_tests.log"
+timeout 110 python lightning_overhead.py --model preact_resnet18 --device cuda --precision bf16-mixed 2>&1 | grep -v "it/s" | tee "$out/overhead.log"
+timeout 210 python free_cifar10_run.py --device cuda --precision bf16-mixed --channels-last --cuda-graph --workers 12 2>&1 | tee "$out/run_graph.log"
+timeout 110 python free_cifar10_run.py --device cuda --precision bf16-mixed --channels-last --workers 12 --epochs 1 \
   --out results/free_cifar10_run_cuda_bf16-mixed_1epoch_eager 2>&1 | tee "$out/run_eager.log"
-if [ "$out" != results ]; then cp results/*cuda_graph* results/lightning_overhead_preact_resnet18_cuda_bf16-mixed.* \
-  results/free_cifar10_run_cuda_bf16-mixed_1epoch_eager.* "$out"/ 2>/dev/null; fi
+if [ "$out" != results ]; then cp results/free_cifar10_run_cuda_bf16-mixed_cuda_graph.json \
+  results/lightning_overhead_preact_resnet18_cuda_bf16-mixed.json results/free_cifar10_run_cuda_bf16-mixed_1epoch_eager.json \
+  "$out"/; fi
 ls "$out"

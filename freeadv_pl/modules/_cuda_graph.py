@@ -31,10 +31,11 @@ def graph_blocker(module: FreeAdversarialModule) -> str | None:
     if module.compile_model:
         return "compile=True: choose one of compile and cuda_graph"
     optimizer = module.optimizers(use_pl_optimizer=False)
-    if not all(group.get("fused") or group.get("capturable") for group in optimizer.param_groups):
+    # Optimizers with a `capturable` flag need it; SGD has none and captures in its fused form.
+    if not all(group["capturable"] if "capturable" in group else group.get("fused") for group in optimizer.param_groups):
         return (
             f"{type(optimizer).__name__} as configured cannot step inside a CUDA graph: use "
-            "torch.optim.SGD(..., fused=True) (the default optimizer is, on a GPU), or Adam/AdamW(..., fused=True)"
+            "torch.optim.SGD(..., fused=True) (the default optimizer is, on a GPU) or Adam/AdamW(..., capturable=True)"
         )
     return None
 
@@ -95,7 +96,7 @@ class ReplayGraph:
         self.optimizer.zero_grad(set_to_none=True)  # the capture allocates the gradients it writes
         self.graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # loader threads may use CUDA
                 self._replay()
         except RuntimeError as error:
             raise RuntimeError(
