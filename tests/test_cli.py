@@ -151,3 +151,15 @@ def test_an_imagenet_config_runs_unchanged_under_two_process_ddp(dataset_root, t
     # quick.yaml's total batch of 4 is split over the 2 processes; each keeps its own δ for its 2 images.
     for rank in (0, 1):
         assert f"rank {rank} of 2: batch 2, delta (2, 3, 32, 32), steps 8" in result.stdout
+
+
+def test_the_cuda_graph_overlay_keeps_the_config_and_falls_back_on_the_cpu(dataset_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(dataset_root("cifar10"))
+    overlay = CONFIGS / "cifar10" / "common" / "cuda_graph.yaml"
+    args = ["fit", "--config", str(CONFIGS / "cifar10" / "free_m8.yaml"), "--config", str(overlay)]
+    args += ["--config", str(CONFIGS / "cifar10" / "quick.yaml"), "--trainer.default_root_dir", str(tmp_path)]
+    with pytest.warns(UserWarning, match="cuda_graph=True: training runs on cpu, not on a CUDA device"):
+        cli = build_cli(args)
+    group = cli.trainer.optimizers[0].param_groups[0]
+    assert cli.model.cuda_graph and group["fused"] and group["lr"] == 0.1 and group["weight_decay"] == 2.0e-4
+    assert cli.trainer.global_step == 2 * 8

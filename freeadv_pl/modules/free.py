@@ -66,13 +66,22 @@ class FreeAdversarialModule(ClassifierModule):
         delta_reset_every: set the stored δ (batch or bank) to zero at the start of every k-th epoch (None: never).
         epsilon_warmup_epochs: ε and ε_step ramp linearly from ~0 to their values over the first k epochs, batch by
             batch (0: off).
+        cuda_graph: on one CUDA device, capture one replay (forward, backward, the optimizer's step, δ's update) in a
+            CUDA graph at the first batch and replay it m times per batch, without the host's per-step work. Needs an
+            optimizer that can step inside a graph (``torch.optim.SGD(..., fused=True)``, which the default optimizer
+            is on a GPU, or Adam/AdamW with ``capturable=True``) and an LR scheduler that changes the learning rate
+            alone. Where it cannot be captured (the CPU, DDP, fp16's loss scaler, a callback with a per-step hook,
+            ``compile=True``) the replays run eagerly, with one warning. Batches of another shape (the last, smaller
+            one) run eagerly. See docs/design.md, "The replay in a CUDA graph".
         **kwargs: ``mean``, ``std``, ``optimizer``, ``lr_scheduler`` of :class:`ClassifierModule`.
 
     Raises:
         ValueError: if ``replays`` < 1, ε is outside [0, 1], ``step_size`` is not in (0, 1], on an unknown
             ``delta_memory`` or ``delta_bank``, a ``delta_start_noise`` outside [0, 1], a ``delta_reset_every`` < 1, a
             negative ``epsilon_warmup_epochs``; with ``delta_memory="example"``, at the start of ``fit`` when the bank
-            does not fit in memory, and at the first batch when it is ``(x, y)``.
+            does not fit in memory, and at the first batch when it is ``(x, y)``; with ``cuda_graph=True``, when the LR
+            scheduler changes another hyperparameter than the learning rate (e.g. ``OneCycleLR``'s momentum).
+        RuntimeError: with ``cuda_graph=True``, when the replay cannot be captured.
 
     Example:
         >>> from freeadv_pl.models import SmallCNN

@@ -1,0 +1,55 @@
+"""Each private Lightning API that ``freeadv_pl/_lightning_compat.py`` reads still means what the package needs,
+checked against the installed Lightning's own public behaviour."""
+
+from __future__ import annotations
+
+import csv
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.loggers import CSVLogger
+
+from conftest import quiet_trainer, tiny_cnn, tiny_loader
+from freeadv_pl._lightning_compat import count_optimizer_step, should_update_logs
+
+
+class StepsThreeTimesDirectly(LightningModule):
+    """Manual optimization: three steps of the wrapped optimizer per batch, each counted with the helper; the batch
+    index is logged on the batches where the helper says the Trainer writes logs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = tiny_cnn()
+        self.flags: list[bool] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        optimizer = self.optimizers()
+        for _ in range(3):
+            optimizer.zero_grad()
+            F.cross_entropy(self.net(x), y).backward()
+            optimizer.optimizer.step()
+            count_optimizer_step(optimizer)
+        self.flags.append(should_update_logs(self.trainer))
+        self.log("batch", float(batch_idx))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_count_optimizer_step_advances_global_step_as_lightning_optimizer_step_does(tmp_path):
+    module = StepsThreeTimesDirectly()
+    trainer = quiet_trainer(max_epochs=2, max_steps=-1)
+    trainer.fit(module, tiny_loader(n=12))  # 3 batches per epoch
+    assert trainer.global_step == 2 * 3 * 3
+
+
+def test_should_update_logs_is_true_exactly_on_the_batches_the_logger_writes(tmp_path):
+    module = StepsThreeTimesDirectly()
+    trainer = quiet_trainer(max_epochs=1, logger=CSVLogger(tmp_path), log_every_n_steps=2)
+    trainer.fit(module, tiny_loader(n=28))  # 7 batches
+    with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as file:
+        written = [int(float(row["batch"])) for row in csv.DictReader(file) if row.get("batch")]
+    assert written and written == [index for index, flag in enumerate(module.flags) if flag]
