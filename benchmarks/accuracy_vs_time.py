@@ -81,8 +81,10 @@ def train(
     data: FashionMNISTDataModule,
     seed: int,
     cache: Path | None = None,
+    device: str = "cpu",
 ) -> tuple[LightningModule, dict[str, Any]]:
-    """One seeded run; returns the module and what the run cost (``diverged``: its loss turned NaN/inf).
+    """One seeded run on ``device``; returns the module (on ``device``) and what the run cost (``diverged``: its
+    loss turned NaN/inf).
 
     With ``cache``, a file holding the trained weights and the cost record: written after the run, and when it
     exists already, loaded instead of training (so a later run can add attacks to the same models).
@@ -108,10 +110,10 @@ def train(
     if cache is not None and cache.exists():
         saved = torch.load(cache, weights_only=True)
         module.model.load_state_dict(saved["model"])
-        return module, saved["cost"]
+        return module.to(device), saved["cost"]
     timer = TrainingTime()
     trainer = Trainer(
-        accelerator="cpu",
+        accelerator=device,
         devices=1,
         max_epochs=epochs,
         logger=False,
@@ -141,7 +143,7 @@ def train(
         temporary = cache.with_suffix(".tmp")
         torch.save({"model": module.model.state_dict(), "cost": cost}, temporary)
         temporary.replace(cache)
-    return module, cost
+    return module.to(device), cost  # the Trainer hands the model back on the CPU
 
 
 def cache_file(folder: Path | None, name: str, epochs: int, lr: float) -> Path | None:

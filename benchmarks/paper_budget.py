@@ -18,6 +18,7 @@ AutoAttack's standard version with PGD-20 beside it on ``--autoattack-size`` see
 ``--models DIR`` keeps each trained model, and a later run loads it instead of training (to add attacks).
 
     python benchmarks/paper_budget.py --epochs 80 --note "..."       # hours on one core: see benchmarks/README.md
+    python benchmarks/paper_budget.py --epochs 80 --device cuda      # minutes on a GPU
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--lr-fgsm", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (steady timings on a shared machine)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train and attack")
     parser.add_argument("--note", default=None, help="a note on the machine for the results file")
     parser.add_argument("--out", default=None, help="results path without suffix (.json, .md, .png)")
     parser.add_argument("--merge", nargs="+", type=Path, default=None, help="merge these results .json into --out")
@@ -171,8 +173,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     data.setup("test")
     validation = Subset(data.val_set, range(min(args.val_eval_size, len(data.val_set))))
     aa_subset = autoattack_subset(data.test_set, args.autoattack_size, args.seed) if args.autoattack_size else None
-    out = Path(args.out) if args.out else RESULTS / f"paper_budget_cpu_eps{epsilon:g}".replace(".", "_")
-    info = machine("cpu", args)
+    out = Path(args.out) if args.out else RESULTS / f"paper_budget_{args.device}_eps{epsilon:g}".replace(".", "_")
+    info = machine(args.device, args)
     info.update(
         epsilon=epsilon,
         attacks={key: attack.describe(epsilon) for key, attack in test_attacks.items()}
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             continue
         log(f"{name}: {epochs} epochs, peak lr {lr:g}: started")
         cache = cache_file(args.models, name, epochs, lr)
-        module, run = train(module_class, epochs, arguments, lr, data, args.seed, cache)
+        module, run = train(module_class, epochs, arguments, lr, data, args.seed, cache, args.device)
         row: dict[str, Any] = {"method": name, "epochs": epochs, "arguments": arguments, **run}
         if not run["diverged"]:
             row["validation_pgd10"] = accuracy(module, validation, validation_attack, args.seed, epsilon)

@@ -54,8 +54,13 @@ def cw_loss(logits: Tensor, target: Tensor) -> Tensor:
 
 
 def uniform_perturbation(x: Tensor, epsilon: float, generator: torch.Generator | None = None) -> Tensor:
-    """A random start δ ~ U(-ε, ε), shaped like ``x``, drawn from ``generator`` (the global RNG if None)."""
-    return torch.empty_like(x).uniform_(-epsilon, epsilon, generator=generator)
+    """A random start δ ~ U(-ε, ε), shaped like ``x``, drawn from ``generator`` (the global RNG if None). A generator
+    on another device than ``x`` (a CPU generator for GPU images) draws on its own device, so a seeded CPU generator
+    gives the same starts wherever the images are."""
+    if generator is None or generator.device == x.device:
+        return torch.empty_like(x).uniform_(-epsilon, epsilon, generator=generator)
+    start = torch.empty(x.shape, dtype=x.dtype, device=generator.device).uniform_(-epsilon, epsilon, generator=generator)
+    return start.to(x.device)
 
 
 def pgd(

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from conftest import needs_fashion_mnist, quiet_trainer, tiny_cnn
+from conftest import needs_cuda, needs_fashion_mnist, quiet_trainer, tiny_cnn
 from freeadv_pl import FashionMNISTDataModule, NaturalModule, SmallCNN
-from freeadv_pl.attacks import cw_loss, fgsm, pgd
+from freeadv_pl.attacks import cw_loss, fgsm, pgd, uniform_perturbation
 from freeadv_pl.evaluation import count_correct
 
 
@@ -160,3 +160,12 @@ def test_stronger_attacks_never_help_a_trained_model(trained_fashion_mnist_model
     assert clean > 70
     assert 5 < pgd20 <= pgd5 + 1.0
     assert pgd20 < fgsm_acc < clean
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_a_cpu_generator_gives_gpu_images_the_starts_it_gives_cpu_images():
+    x = torch.rand(4, 1, 6, 6)
+    on_cpu = uniform_perturbation(x, 0.1, torch.Generator().manual_seed(3))
+    on_gpu = uniform_perturbation(x.cuda(), 0.1, torch.Generator().manual_seed(3))
+    assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu(), on_cpu)
