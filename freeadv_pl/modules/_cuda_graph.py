@@ -81,6 +81,8 @@ class ReplayGraph:
 
     def restore_gradients(self) -> None:
         """Point each parameter's ``.grad`` at the captured gradient again (after an eager batch replaced it)."""
+        if not self.grads:
+            return
         for parameter, grad in zip(self._parameters(), self.grads, strict=True):
             parameter.grad = grad
 
@@ -118,11 +120,11 @@ class ReplayGraph:
         module.on_before_optimizer_step(self.optimizer)
         self.optimizer.step()
         with torch.no_grad():
-            step_delta(leaf, step_size, epsilon, finite if module.guard_delta else None, delta)
+            step_delta(leaf, step_size, epsilon, finite if module._guard_delta else None, delta)
         self.outputs = (loss.detach(), logits.detach(), finite)
 
     def _after_replay(self) -> None:
-        self.module.after_optimizer_step(self.outputs[2].clone())
+        self.module._after_optimizer_step(self.outputs[2].clone())
         if _fixed_hyperparameters(self.optimizer) != self.hyperparameters:
             raise ValueError(
                 "cuda_graph=True holds the optimizer's hyperparameters other than the learning rate fixed, but the LR "

@@ -29,7 +29,8 @@ def default_optimizer(params: Iterable[Any]) -> Optimizer:
     """SGD with the paper's CIFAR settings: lr 0.1, momentum 0.9, weight decay 2e-4; fused (one kernel per step, and
     steppable inside a CUDA graph) when every parameter is on a CUDA device."""
     params = list(params)
-    on_cuda = bool(params) and all(p.is_cuda for p in params if isinstance(p, Tensor))
+    tensors = [p for p in params if isinstance(p, Tensor)]
+    on_cuda = bool(tensors) and all(p.is_cuda for p in tensors)
     return SGD(params, lr=0.1, momentum=0.9, weight_decay=2e-4, fused=on_cuda or None)
 
 
@@ -224,10 +225,11 @@ class ClassifierModule(LightningModule):
         """One optimizer step on ``CE(model(inputs), y)``: zero the gradients, one backward, step (and the scheduler's
         step with ``lr_scheduler_interval="step"``).
 
-        ``self.manual_backward`` (never ``loss.backward()``) keeps DDP's gradient all-reduce and AMP's loss
-        scaling; gradients of other leaves of the graph (a perturbation δ) are filled by the same backward. Inside
-        ``optimizer.step()``, ``on_before_optimizer_step`` zeroes a non-finite weight gradient
-        (``on_nonfinite_loss="skip"``) and clips it (``gradient_clip_norm``) before the update.
+        ``self.manual_backward`` and ``optimizer.step()`` keep DDP's gradient all-reduce, AMP's loss scaling and the
+        per-step hooks; where none of them takes part, the step is the plain ``loss.backward()`` and the wrapped
+        optimizer's ``step()`` they reduce to (the direct step, see the class docstring). Gradients of other leaves of
+        the graph (a perturbation δ) are filled by the same backward. Before the update, ``on_before_optimizer_step``
+        zeroes a non-finite weight gradient (``on_nonfinite_loss="skip"``) and clips it (``gradient_clip_norm``).
 
         Returns:
             The loss and the logits, both still attached to the graph.
@@ -248,10 +250,10 @@ class ClassifierModule(LightningModule):
         else:
             self.manual_backward(loss)
             optimizer.step()
-        self.after_optimizer_step(torch.isfinite(loss.detach()))
+        self._after_optimizer_step(torch.isfinite(loss.detach()))
         return loss, logits
 
-    def after_optimizer_step(self, finite: Tensor) -> None:
+    def _after_optimizer_step(self, finite: Tensor) -> None:
         """What follows every optimizer step: keep its loss's finiteness flag (a device tensor, read once per batch in
         ``on_train_batch_end``), advance ``trainer.global_step`` where the step was taken directly, and step the LR
         scheduler (``lr_scheduler_interval="step"``)."""

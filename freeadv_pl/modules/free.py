@@ -121,7 +121,7 @@ class FreeAdversarialModule(ClassifierModule):
         self._bank = PerturbationBank(check_choice(delta_bank, "delta_bank", ("device", "cpu")))
         self.cuda_graph = cuda_graph
         self._graph: ReplayGraph | None = None
-        self.guard_delta = True  # whether a replay's δ update checks finiteness; decided at the start of fit
+        self._guard_delta = True  # whether a replay's δ update checks finiteness; decided at the start of fit
 
     @property
     def passes_per_batch(self) -> int:
@@ -139,7 +139,7 @@ class FreeAdversarialModule(ClassifierModule):
         # Only where a replay can go on after a non-finite loss or δ-gradient (on_nonfinite_loss="skip", or an fp16
         # loss scaler) must its δ update be skippable; with "raise" the run stops at the batch's end.
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        self.guard_delta = self.on_nonfinite_loss == "skip" or scaler is not None
+        self._guard_delta = self.on_nonfinite_loss == "skip" or scaler is not None
         self._graph = None
         if self.cuda_graph:
             reason = graph_blocker(self)
@@ -188,7 +188,7 @@ class FreeAdversarialModule(ClassifierModule):
                 leaf = delta.clone().requires_grad_(True)
                 loss, logits = self.fit_step(torch.clamp(x + leaf, 0.0, 1.0), y)
                 with torch.no_grad():
-                    step_delta(leaf, step_size, epsilon, self._finite_losses[-1] if self.guard_delta else None, delta)
+                    step_delta(leaf, step_size, epsilon, self._finite_losses[-1] if self._guard_delta else None, delta)
             if self._graph is not None:  # a batch of another shape (the last, smaller one) ran eagerly
                 self._graph.restore_gradients()
         if self.delta_memory == "example":
@@ -226,4 +226,3 @@ class FreeAdversarialModule(ClassifierModule):
             self._bank.load(checkpoint, self._trainer)
         else:
             self._delta.load(checkpoint, self._trainer)
-
