@@ -59,8 +59,8 @@ def uniform_perturbation(x: Tensor, epsilon: float, generator: torch.Generator |
     gives the same starts wherever the images are."""
     if generator is None or generator.device == x.device:
         return torch.empty_like(x).uniform_(-epsilon, epsilon, generator=generator)
-    start = torch.empty(x.shape, dtype=x.dtype, device=generator.device).uniform_(-epsilon, epsilon, generator=generator)
-    return start.to(x.device)
+    start = torch.empty(x.shape, dtype=x.dtype, device=generator.device)
+    return start.uniform_(-epsilon, epsilon, generator=generator).to(x.device)
 
 
 def pgd(

@@ -86,8 +86,10 @@ def test_the_graph_trains_to_the_eager_weights_delta_lr_and_step(precision, shar
     assert float(lr) == pytest.approx(eager.trainer.optimizers[0].param_groups[0]["lr"])  # 0.005 after step 30
     gap, moved = difference(graphed, eager), difference(eager, initial)
     delta_mismatch = (graphed.delta != eager.delta).float().mean().item()
-    print(f"{precision}: max |graph - eager| = {gap:.3g}, max |eager - initial| = {moved:.3g}, δ differs in "
-          f"{100 * delta_mismatch:.2f} % of its elements")
+    print(
+        f"{precision}: max |graph - eager| = {gap:.3g}, max |eager - initial| = {moved:.3g}, δ differs in "
+        f"{100 * delta_mismatch:.2f} % of its elements"
+    )
     assert gap < share * moved
     assert delta_mismatch < share / 2
     assert graphed.delta.abs().max() <= 8 / 255 + 1e-6

@@ -34,7 +34,9 @@ def sgd_with_schedule(**options):
 
 MODULES = [
     pytest.param(lambda: NaturalModule(tiny_cnn(), 3, **sgd_with_schedule()), id="natural"),
-    pytest.param(lambda: FreeAdversarialModule(tiny_cnn(), 3, replays=3, epsilon=0.1, **sgd_with_schedule()), id="free"),
+    pytest.param(
+        lambda: FreeAdversarialModule(tiny_cnn(), 3, replays=3, epsilon=0.1, **sgd_with_schedule()), id="free"
+    ),
     pytest.param(
         lambda: FreeAdversarialModule(
             tiny_cnn(), 3, replays=2, epsilon=0.1, on_nonfinite_loss="skip", **sgd_with_schedule(gradient_clip_norm=0.5)

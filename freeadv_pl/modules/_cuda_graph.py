@@ -32,7 +32,8 @@ def graph_blocker(module: FreeAdversarialModule) -> str | None:
         return "compile=True: choose one of compile and cuda_graph"
     optimizer = module.optimizers(use_pl_optimizer=False)
     # Optimizers with a `capturable` flag need it; SGD has none and captures in its fused form.
-    if not all(group["capturable"] if "capturable" in group else group.get("fused") for group in optimizer.param_groups):
+    groups = optimizer.param_groups
+    if not all(group["capturable"] if "capturable" in group else group.get("fused") for group in groups):
         return (
             f"{type(optimizer).__name__} as configured cannot step inside a CUDA graph: use "
             "torch.optim.SGD(..., fused=True) (the default optimizer is, on a GPU) or Adam/AdamW(..., capturable=True)"
@@ -69,8 +70,10 @@ class ReplayGraph:
                 if not isinstance(group["lr"], Tensor):
                     group["lr"] = torch.tensor(float(group["lr"]), device=x.device)
             self.hyperparameters = _fixed_hyperparameters(self.optimizer)
-        for static, value in zip(self.inputs, (x, y, delta, epsilon, step_size), strict=True):
-            static.copy_(value) if isinstance(value, Tensor) else static.fill_(value)
+        for static, value in zip(self.inputs, (x, y, delta), strict=False):
+            static.copy_(value)
+        self.inputs[3].fill_(epsilon)
+        self.inputs[4].fill_(step_size)
         done = 0 if self.graph is not None else self._warm_up_and_capture()
         for _ in range(done, self.module.replays):
             self.graph.replay()
@@ -153,4 +156,3 @@ def float_learning_rates(checkpoint: dict[str, Any]) -> None:
     for scheduler in checkpoint.get("lr_schedulers", []):
         if isinstance(scheduler, dict) and "_last_lr" in scheduler:
             scheduler["_last_lr"] = [v.item() if isinstance(v, Tensor) else v for v in scheduler["_last_lr"]]
-

@@ -129,7 +129,9 @@ def _world_size_message(saved: int, current: int) -> str:
     )
 
 
-def step_delta(leaf: Tensor, step_size: float | Tensor, epsilon: float | Tensor, ok: Tensor | None, out: Tensor) -> None:
+def step_delta(
+    leaf: Tensor, step_size: float | Tensor, epsilon: float | Tensor, ok: Tensor | None, out: Tensor
+) -> None:
     """Algorithm 2's δ update into ``out``: ``clip(δ + step_size · sign(∇δ), -ε, ε)`` from the replay's leaf δ and its
     gradient, or δ unchanged where the device flag ``ok`` is False (``torch.where``: no host synchronisation).
     ``step_size`` and ``epsilon`` are numbers, or 0-dim tensors inside a CUDA graph."""
