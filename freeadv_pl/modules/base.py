@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -30,8 +31,11 @@ def default_optimizer(params: Iterable[Any]) -> Optimizer:
     steppable inside a CUDA graph) when every parameter is on a CUDA device."""
     params = list(params)
     tensors = [p for p in params if isinstance(p, Tensor)]
-    on_cuda = bool(tensors) and all(p.is_cuda for p in tensors)
-    return SGD(params, lr=0.1, momentum=0.9, weight_decay=2e-4, fused=on_cuda or None)
+    fused = _SGD_FUSES and bool(tensors) and all(p.is_cuda for p in tensors)
+    return SGD(params, lr=0.1, momentum=0.9, weight_decay=2e-4, **({"fused": True} if fused else {}))
+
+
+_SGD_FUSES = "fused" in inspect.signature(SGD).parameters  # torch >= 2.3
 
 
 class ClassifierModule(LightningModule):
