@@ -138,6 +138,7 @@ class ClassifierModule(LightningModule):
         self._training_logged = False
         self._finite_losses: list[Tensor] = []  # one device-side flag per optimizer step of the current batch
         self._direct_step = False  # decided at the start of fit (direct_step_blocker)
+        self._loss_scaled = False  # whether a loss scaler takes part, decided at the start of fit
         self._zero_nonfinite = False  # on_nonfinite_loss="skip" without a loss scaler, decided at the start of fit
         self._step_optimizer: Any = None  # the LightningOptimizer of this fit
         self._lr_scheduler: Any = None  # and its LR scheduler (None without one)
@@ -190,8 +191,8 @@ class ClassifierModule(LightningModule):
         self._step_optimizer = self.optimizers()
         self._lr_scheduler = self.lr_schedulers()
         self._direct_step = direct_step_blocker(self.trainer, self, ClassifierModule) is None
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        self._zero_nonfinite = self.on_nonfinite_loss == "skip" and scaler is None
+        self._loss_scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None  # fp16's GradScaler
+        self._zero_nonfinite = self.on_nonfinite_loss == "skip" and not self._loss_scaled
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self._inputs_checked:

@@ -138,8 +138,7 @@ class FreeAdversarialModule(ClassifierModule):
         super().on_train_start()
         # Only where a replay can go on after a non-finite loss or δ-gradient (on_nonfinite_loss="skip", or an fp16
         # loss scaler) must its δ update be skippable; with "raise" the run stops at the batch's end.
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        self._guard_delta = self.on_nonfinite_loss == "skip" or scaler is not None
+        self._guard_delta = self.on_nonfinite_loss == "skip" or self._loss_scaled
         self._graph = None
         if self.cuda_graph:
             reason = graph_blocker(self)
