@@ -3,6 +3,9 @@ against the installed Lightning, so that a release that changes them fails there
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from lightning.pytorch import Trainer
 from lightning.pytorch.core.optimizer import LightningOptimizer
 
@@ -17,3 +20,9 @@ def count_optimizer_step(optimizer: LightningOptimizer) -> None:
     manual optimization, for a step the caller took on the wrapped optimizer itself."""
     optimizer._on_before_step()
     optimizer._on_after_step()
+
+
+def cli_class_path(hyperparameters: Mapping[str, Any]) -> str | None:
+    """The model class a ``LightningCLI`` run recorded in its module's saved hyperparameters (None when it was not
+    written by a LightningCLI)."""
+    return hyperparameters.get("_class_path")

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from freeadv_pl._lightning_compat import cli_class_path
 from freeadv_pl.data.base import VisionDataModule
 from freeadv_pl.export import main as export_main
 from freeadv_pl.modules.base import ClassifierModule, check_trainer_for_manual_optimization
@@ -50,7 +51,7 @@ def _check_checkpoint_class(config: Any) -> None:
     if not ckpt_path or not Path(ckpt_path).is_file():
         return
     hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
-    configured, saved = config["model"]["class_path"], hparams.get("_class_path")
+    configured, saved = config["model"]["class_path"], cli_class_path(hparams)
     if not hparams or saved == configured:
         return
     if saved is None:

@@ -11,7 +11,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import CSVLogger
 
 from conftest import quiet_trainer, tiny_cnn, tiny_loader
-from freeadv_pl._lightning_compat import count_optimizer_step, should_update_logs
+from freeadv_pl._lightning_compat import cli_class_path, count_optimizer_step, should_update_logs
 
 
 class StepsThreeTimesDirectly(LightningModule):
@@ -53,3 +53,20 @@ def test_should_update_logs_is_true_exactly_on_the_batches_the_logger_writes(tmp
     with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as file:
         written = [int(float(row["batch"])) for row in csv.DictReader(file) if row.get("batch")]
     assert written and written == [index for index, flag in enumerate(module.flags) if flag]
+
+
+def test_cli_class_path_is_the_class_lightning_cli_records_in_the_hyperparameters(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    from freeadv_pl import NaturalModule
+
+    config = {
+        "model": {
+            "class_path": "freeadv_pl.NaturalModule",
+            "init_args": {"backbone": {"class_path": "freeadv_pl.SmallCNN"}, "num_classes": 10},
+        }
+    }
+    cli = LightningCLI(args=config, run=False, trainer_defaults={"logger": False})
+    assert isinstance(cli.model, NaturalModule)
+    assert cli_class_path(cli.model.hparams) == "freeadv_pl.NaturalModule"
+    assert cli_class_path(NaturalModule(torch.nn.Linear(2, 10), num_classes=10).hparams) is None

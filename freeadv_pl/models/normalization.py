@@ -33,11 +33,17 @@ class InputNormalization(nn.Module):
         self, backbone: nn.Module, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
     ) -> None:
         super().__init__()
+        self.backbone = backbone
+        self.set_statistics(mean, std)
+
+    def set_statistics(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+        """Normalize with these per-channel statistics from now on (both None: no normalization); the buffers are made
+        on the backbone's device. Raises ``ValueError`` as the constructor does."""
         if (mean is None) != (std is None):
             raise ValueError(f"mean and std must be given together (or both None), got mean={mean}, std={std}")
-        self.backbone = backbone
         if mean is None:
-            self.mean = self.std = None
+            self.register_buffer("mean", None)
+            self.register_buffer("std", None)
             return
         mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
         std_t = torch.as_tensor(std, dtype=torch.float32).flatten()
@@ -45,8 +51,9 @@ class InputNormalization(nn.Module):
             raise ValueError(f"mean and std must have one value per channel, got {list(mean)} and {list(std)}")
         if not bool((std_t > 0).all()):
             raise ValueError(f"every std must be > 0, got {list(std)}")
-        self.register_buffer("mean", mean_t.view(1, -1, 1, 1))
-        self.register_buffer("std", std_t.view(1, -1, 1, 1))
+        device = next((p.device for p in self.backbone.parameters()), None)
+        self.register_buffer("mean", mean_t.view(1, -1, 1, 1).to(device))
+        self.register_buffer("std", std_t.view(1, -1, 1, 1).to(device))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mean is not None:

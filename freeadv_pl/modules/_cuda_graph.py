@@ -11,9 +11,10 @@ from torch.optim import Optimizer
 
 from freeadv_pl.modules._perturbation import step_delta
 from freeadv_pl.modules._step_path import direct_step_blocker
-from freeadv_pl.modules.base import ClassifierModule
 
 if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule
+
     from freeadv_pl.modules.free import FreeAdversarialModule
 
 WARMUP_REPLAYS = 3
@@ -21,11 +22,12 @@ WARMUP_REPLAYS = 3
 algorithms and the optimizer create its state, as torch.cuda.graphs asks."""
 
 
-def graph_blocker(module: FreeAdversarialModule) -> str | None:
-    """None when ``module``'s replays can run as one captured CUDA graph in this fit, otherwise why not."""
+def graph_blocker(module: FreeAdversarialModule, base: type[LightningModule]) -> str | None:
+    """None when ``module``'s replays can run as one captured CUDA graph in this fit, otherwise why not (``base``: the
+    class whose per-step hooks are the package's own, see :func:`direct_step_blocker`)."""
     if module.device.type != "cuda":
         return f"training runs on {module.device.type}, not on a CUDA device"
-    reason = direct_step_blocker(module.trainer, module, ClassifierModule)
+    reason = direct_step_blocker(module.trainer, module, base)
     if reason is not None:
         return reason
     if module.compile_model:
@@ -123,7 +125,7 @@ class ReplayGraph:
         module.on_before_optimizer_step(self.optimizer)
         self.optimizer.step()
         with torch.no_grad():
-            step_delta(leaf, step_size, epsilon, finite if module._guard_delta else None, delta)
+            step_delta(leaf, step_size, epsilon, finite if module._nonfinite.guard_updates else None, delta)
         self.outputs = (loss.detach(), logits.detach(), finite)
 
     def _after_replay(self) -> None:

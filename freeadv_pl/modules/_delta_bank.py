@@ -101,7 +101,9 @@ class PerturbationBank:
             self.tensor[part] = total / _rows(counts[part].clamp(min=1), total)
         self._touched.zero_()
 
-    def save(self, checkpoint: dict[str, Any]) -> None:
+    def save(self, checkpoint: dict[str, Any], trainer: Trainer) -> None:
+        """Put the bank (on the CPU) into a checkpoint dictionary, after merging the processes' rows (collective)."""
+        self.synchronise(trainer)
         if self.tensor is not None:
             checkpoint[BANK_KEY] = self.tensor.detach().to("cpu", copy=True)
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import SGD, Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
@@ -23,6 +23,8 @@ from freeadv_pl._checks import check_choice, check_int, check_positive
 from freeadv_pl._lightning_compat import count_optimizer_step, should_update_logs
 from freeadv_pl.export import export_classifier
 from freeadv_pl.models.normalization import InputNormalization
+from freeadv_pl.modules._cuda_graph import float_learning_rates
+from freeadv_pl.modules._nonfinite import NonFiniteLosses
 from freeadv_pl.modules._step_path import direct_step_blocker
 
 
@@ -41,69 +43,52 @@ _SGD_FUSES = "fused" in inspect.signature(SGD).parameters  # torch >= 2.3
 class ClassifierModule(LightningModule):
     """An image classifier trained with manual optimization; subclasses define what one training batch does.
 
-    Images reach the module in [0, 1]; ``mean``/``std`` normalization is applied inside the model
-    (:class:`~freeadv_pl.models.InputNormalization`), so perturbations are in pixel units. Every module of the
-    package uses manual optimization and steps the learning-rate scheduler itself: once per optimizer step by
-    default (schedules are written in optimizer steps, ``trainer.global_step``, whatever the number of steps per
-    batch), or once per training epoch with ``lr_scheduler_interval="epoch"``.
-
-    Each optimizer step runs as plain ``loss.backward()`` and ``optimizer.step()`` on the wrapped optimizer, with
-    ``trainer.global_step`` advanced as Lightning does, when nothing else needs to take part in it: one device, a
-    precision without a loss scaler (``32-true``, ``bf16-mixed``), and no callback (nor subclass) implementing
-    ``on_before_backward``, ``on_after_backward`` or ``on_before_optimizer_step``. Otherwise each step goes through
-    ``manual_backward`` and ``LightningOptimizer.step`` with all their hooks. Both give the same weights
-    (docs/design.md, "The direct optimizer step").
-
-    Validation and test log the natural accuracy and loss (``val/acc``, ``val/loss``, ``test/acc``,
-    ``test/loss``); training logs ``train/loss`` and ``train/acc`` on the inputs of the last optimizer step.
+    Images reach the module in [0, 1]; ``mean``/``std`` normalization runs inside the model
+    (:class:`~freeadv_pl.models.InputNormalization`), so perturbations are in pixel units. ``num_classes``, ``mean``
+    and ``std`` that are not given are taken at set-up from the attached DataModule where it declares them (one log
+    line says so), so the module fits any ``LightningCLI`` or script. The module steps its LR scheduler itself: once
+    per optimizer step (``trainer.global_step``) or once per epoch. Validation and test log ``val/acc``,
+    ``val/loss``, ``test/acc``, ``test/loss``; training logs ``train/loss`` and ``train/acc`` of the last optimizer
+    step. The design is in docs/design.md, "Manual optimization".
 
     Args:
         backbone: any ``nn.Module`` mapping normalized images to ``num_classes`` logits.
-        num_classes: number of classes (linked from the DataModule by the CLI).
-        mean: per-channel means for input normalization, or None.
-        std: per-channel standard deviations for input normalization, or None.
+        num_classes: number of classes; None: the DataModule's ``num_classes``.
+        mean: per-channel means for input normalization; None: the DataModule's ``mean``, if it declares one. To
+            train without normalization on data that declare it, pass ``mean=[0.0]`` and ``std=[1.0]``.
+        std: per-channel standard deviations, given or taken with ``mean``.
         optimizer: a callable from parameters to an optimizer (default: :func:`default_optimizer`).
         lr_scheduler: a callable from the optimizer to a scheduler, or None.
         lr_scheduler_interval: step the scheduler after every optimizer step (``"step"``: milestones count optimizer
-            steps, m per batch for Free-m) or after every training epoch (``"epoch"``: milestones count epochs, as
-            the official ImageNet code's schedule, whatever the number of GPUs or batches per epoch).
-        channels_last: keep the model's weights in the channels-last memory format (faster convolutions with
-            bf16/fp16 on recent GPUs); the first convolution gives its output that format, the layers after it keep
-            it. Images and δ stay in the batch's own format.
-        compile: compile the model (normalization + backbone) with ``torch.compile`` (``nn.Module.compile``: the
-            checkpoint keys do not change) at set-up; the attacks and every replay use the compiled model.
-        gradient_clip_norm: clip the weight gradient to this L2 norm (over all parameters) before every optimizer
-            step, or None. Manual optimization cannot use ``Trainer(gradient_clip_val=...)``; this replaces it. The
-            clipping runs in ``on_before_optimizer_step``, which Lightning calls inside ``optimizer.step()`` after
-            DDP's all-reduce and, under ``precision="16-mixed"``, after the GradScaler has unscaled the gradients:
-            the bound applies to the true gradient, not the scaled one. δ's gradient is not clipped.
-        on_nonfinite_loss: what a NaN or infinite training loss does. ``"raise"``: training stops at the end of that
-            batch with a ``FloatingPointError`` naming the epoch, batch and optimizer step. ``"skip"``: that
-            optimizer step and its δ update are skipped, and each epoch's count is logged as ``train/skipped_steps``
-            (summed over processes) with a warning. Without a loss scaler, "skip" zeroes a non-finite weight gradient
-            (after DDP's all-reduce, so every process decides alike): momentum and weight decay still act on that
-            step. Under ``"16-mixed"`` the GradScaler already skips every step whose gradient is not finite (and
-            lowers its scale), so "skip" leaves those steps to it; an fp16 overflow of the scaled gradient alone
-            (finite loss) is neither raised nor counted. Cost: a device-side flag per optimizer step, no host
-            synchronisation; "raise" reads a batch's flags once, at its end (one host synchronisation per batch, as
-            the progress bar makes; one all-reduce under DDP); "skip" adds a few small kernels per parameter tensor
-            and step, and reads its count once per epoch.
+            steps, m per batch for Free-m) or after every training epoch (``"epoch"``).
+        channels_last: keep the model's weights in the channels-last memory format (faster bf16/fp16 convolutions).
+        compile: compile the model (normalization + backbone) with ``nn.Module.compile`` at set-up.
+        gradient_clip_norm: clip the weight gradient to this L2 norm before every optimizer step (after DDP's
+            all-reduce and fp16 unscaling), or None; it replaces ``Trainer(gradient_clip_val=...)``.
+        on_nonfinite_loss: ``"raise"``: training stops at the end of a batch whose loss was NaN or inf, with a
+            ``FloatingPointError`` naming the step. ``"skip"``: such optimizer steps and their δ update are skipped,
+            counted per epoch as ``train/skipped_steps`` (summed over processes), with a warning.
 
     Raises:
         TypeError: if ``backbone`` is not an ``nn.Module``.
         ValueError: if ``num_classes`` < 2, on an unknown ``lr_scheduler_interval`` or ``on_nonfinite_loss``, a
-            ``gradient_clip_norm`` ≤ 0, on a ``ReduceLROnPlateau`` scheduler, at set-up when the DataModule's
-            ``num_classes`` differs, when the first training batch is outside [0, 1] or has labels outside
-            [0, ``num_classes``), when the backbone's logits do not have ``num_classes`` columns, and when loading a
-            checkpoint written by another training module (e.g. a ``NaturalModule`` checkpoint into
-            ``FreeAdversarialModule``).
+            ``gradient_clip_norm`` ≤ 0, a ``ReduceLROnPlateau`` scheduler; at set-up when ``num_classes`` is neither
+            given nor declared by the DataModule, or differs from the DataModule's; when the first training batch is
+            outside [0, 1] or has labels outside [0, ``num_classes``); when the backbone's logits do not have
+            ``num_classes`` columns; when loading a checkpoint written by another training module.
         FloatingPointError: with ``on_nonfinite_loss="raise"``, at the end of a batch whose loss was not finite.
+
+    Example:
+        >>> from freeadv_pl.models import SmallCNN
+        >>> module = ClassifierModule(SmallCNN())  # num_classes, mean and std come from the DataModule at set-up
+        >>> module.num_classes is None
+        True
     """
 
     def __init__(
         self,
         backbone: nn.Module,
-        num_classes: int,
+        num_classes: int | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         optimizer: OptimizerCallable = default_optimizer,
@@ -120,7 +105,7 @@ class ClassifierModule(LightningModule):
                 "backbone must be a torch.nn.Module such as freeadv_pl.models.SmallCNN(), "
                 f"got {type(backbone).__name__}"
             )
-        self.num_classes = check_int(num_classes, "num_classes", minimum=2)
+        self.num_classes = None if num_classes is None else check_int(num_classes, "num_classes", minimum=2)
         self.model = InputNormalization(backbone, mean, std)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -130,35 +115,27 @@ class ClassifierModule(LightningModule):
         self.gradient_clip_norm = (
             None if gradient_clip_norm is None else check_positive(gradient_clip_norm, "gradient_clip_norm")
         )
-        self.on_nonfinite_loss = check_choice(on_nonfinite_loss, "on_nonfinite_loss", ("raise", "skip"))
+        self._nonfinite = NonFiniteLosses(on_nonfinite_loss)
         self.automatic_optimization = False
         self._inputs_checked = False
         self.input_shape: tuple[int, ...] | None = None  # one image's, from the first batch (saved in checkpoints)
         self._compiled = False
         self._training_logged = False
-        self._finite_losses: list[Tensor] = []  # one device-side flag per optimizer step of the current batch
         self._direct_step = False  # decided at the start of fit (direct_step_blocker)
-        self._loss_scaled = False  # whether a loss scaler takes part, decided at the start of fit
-        self._zero_nonfinite = False  # on_nonfinite_loss="skip" without a loss scaler, decided at the start of fit
         self._step_optimizer: Any = None  # the LightningOptimizer of this fit
         self._lr_scheduler: Any = None  # and its LR scheduler (None without one)
-        self._skipped_steps: Tensor | int = 0  # with on_nonfinite_loss="skip", on the device until the epoch's end
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
 
-    passes_per_batch: int = 1
-    """Forward/backward passes per training minibatch, the paper's unit of cost (read by ``TrainingTime``)."""
+    @property
+    def passes_per_batch(self) -> int:
+        """Forward/backward passes per training minibatch, the paper's unit of cost (read by ``TrainingTime``)."""
+        return 1
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
     def setup(self, stage: str) -> None:
-        data_classes = getattr(getattr(self._trainer, "datamodule", None), "num_classes", None)
-        if isinstance(data_classes, int) and data_classes != self.num_classes:
-            raise ValueError(
-                f"the DataModule has num_classes={data_classes} but the module has num_classes={self.num_classes}: "
-                f"pass num_classes={data_classes} to the module (the CLI links it from the data) and give the "
-                f"backbone {data_classes} outputs."
-            )
+        self._take_from_data(getattr(self.trainer, "datamodule", None))
         # Metrics are made here, not in __init__, so that spawned processes do not share them (docs/design.md,
         # "Distributed evaluation and metrics").
         self.val_accuracy = MulticlassAccuracy(self.num_classes, average="micro")
@@ -168,6 +145,51 @@ class ClassifierModule(LightningModule):
         if self.compile_model and not self._compiled:
             self.model.compile()
             self._compiled = True
+
+    @property
+    def on_nonfinite_loss(self) -> str:
+        """``"raise"`` or ``"skip"``: what a NaN or infinite training loss does."""
+        return self._nonfinite.policy
+
+    def _take_from_data(self, data: Any) -> None:
+        """Take ``num_classes``, ``mean`` and ``std`` from the DataModule where the module was not given them (and
+        record them in the hyperparameters, so that checkpoints rebuild the same model); check ``num_classes``."""
+        declared = getattr(data, "num_classes", None)
+        declared = declared if isinstance(declared, int) else None
+        taken = []
+        if self.num_classes is None:
+            if declared is None:
+                raise ValueError(
+                    f"num_classes is not given and the {'DataModule' if data is None else type(data).__name__} "
+                    "declares none: pass num_classes=... to the module (e.g. num_classes=10), or fit with a "
+                    "DataModule that has a num_classes attribute (every freeadv_pl DataModule has)."
+                )
+            self.num_classes = check_int(declared, "num_classes", minimum=2)
+            taken.append(f"num_classes={declared}")
+        elif declared is not None and declared != self.num_classes:
+            raise ValueError(
+                f"the DataModule has num_classes={declared} but the module has num_classes={self.num_classes}: "
+                f"pass num_classes={declared} to the module (or leave it out: it is then taken from the data) and "
+                f"give the backbone {declared} outputs."
+            )
+        mean, std = getattr(data, "mean", None), getattr(data, "std", None)
+        if mean is not None and std is not None:
+            if self.model.mean is None:
+                self.model.set_statistics(mean, std)
+                taken.append(f"mean={list(mean)}, std={list(std)}")
+            elif not _same_statistics(self.model, mean, std):
+                rank_zero_warn(
+                    f"the module normalizes with mean={self.model.mean.flatten().tolist()}, "
+                    f"std={self.model.std.flatten().tolist()} but {type(data).__name__} declares mean={list(mean)}, "
+                    f"std={list(std)}: the module's own are used. Leave mean and std out to take the data's."
+                )
+        if taken:
+            self.hparams.update(
+                num_classes=self.num_classes,
+                mean=None if self.model.mean is None else self.model.mean.flatten().tolist(),
+                std=None if self.model.std is None else self.model.std.flatten().tolist(),
+            )
+            rank_zero_info(f"{type(self).__name__} takes {' and '.join(taken)} from {type(data).__name__}.")
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
@@ -186,13 +208,10 @@ class ClassifierModule(LightningModule):
 
     def on_train_start(self) -> None:
         self._training_logged = False
-        self._finite_losses = []
-        self._skipped_steps = 0
+        self._nonfinite.start(self.trainer)
         self._step_optimizer = self.optimizers()
         self._lr_scheduler = self.lr_schedulers()
         self._direct_step = direct_step_blocker(self.trainer, self, ClassifierModule) is None
-        self._loss_scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None  # fp16's GradScaler
-        self._zero_nonfinite = self.on_nonfinite_loss == "skip" and not self._loss_scaled
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self._inputs_checked:
@@ -202,21 +221,11 @@ class ClassifierModule(LightningModule):
             self.input_shape = tuple(batch[0].shape[1:])
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if not self._finite_losses:
-            return
-        finite = torch.stack(self._finite_losses)
-        self._finite_losses = []
-        if self.on_nonfinite_loss == "skip":
-            self._skipped_steps = self._skipped_steps + (~finite).sum()  # stays on the device
-            return
-        # One host synchronisation per batch (and one all-reduce under DDP, so that every process stops together).
-        if not self.trainer.strategy.reduce_boolean_decision(bool(finite.all()), all=True):
-            raise FloatingPointError(self._nonfinite_loss_message(finite, batch_idx))
+        self._nonfinite.end_batch(self, batch_idx)
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         # Lightning calls this inside optimizer.step(): after DDP's all-reduce and, under 16-mixed, after unscaling.
-        if self._zero_nonfinite:
-            _zero_nonfinite_gradients(optimizer)
+        self._nonfinite.before_optimizer_step(optimizer)
         if self.gradient_clip_norm is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_norm, gradient_clip_algorithm="norm")
 
@@ -262,7 +271,7 @@ class ClassifierModule(LightningModule):
         """What follows every optimizer step: keep its loss's finiteness flag (a device tensor, read once per batch in
         ``on_train_batch_end``), advance ``trainer.global_step`` where the step was taken directly, and step the LR
         scheduler (``lr_scheduler_interval="step"``)."""
-        self._finite_losses.append(finite)
+        self._nonfinite.record(finite)
         if self._direct_step:
             count_optimizer_step(self._step_optimizer)
         if self.lr_scheduler_interval == "step":
@@ -271,13 +280,21 @@ class ClassifierModule(LightningModule):
     def on_train_epoch_end(self) -> None:
         if self.lr_scheduler_interval == "epoch":
             self._step_lr_scheduler()
-        if self.on_nonfinite_loss == "skip":
-            self._report_skipped_steps()
+        self._nonfinite.end_epoch(self)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[_MODULE_KEY] = _lineage(type(self))
         if self.input_shape is not None:
             checkpoint[_INPUT_SHAPE_KEY] = list(self.input_shape)
+        float_learning_rates(checkpoint)  # the same checkpoint with or without a CUDA graph
+        kept = self.kept_perturbation()
+        if kept is not None:
+            kept.save(checkpoint, self.trainer)  # collective under DDP: every process builds the checkpoint
+
+    def kept_perturbation(self) -> Any:
+        """The perturbation state this module keeps across batches and saves in checkpoints (an object with
+        ``save(checkpoint, trainer)`` and ``load(checkpoint, trainer_or_None)``), or None."""
+        return None
 
     def export(self, path: str | os.PathLike, input_shape: Sequence[int] | None = None) -> dict[str, Path]:
         """Write the model for use without freeadv_pl: ``path`` (``model.pt2``), a ``torch.export`` program taking
@@ -317,6 +334,9 @@ class ClassifierModule(LightningModule):
                 f"start a {loader} from its weights only, use "
                 "module.load_state_dict(torch.load(path, weights_only=True)['state_dict'])."
             )
+        kept = self.kept_perturbation()
+        if kept is not None:
+            kept.load(checkpoint, _attached_trainer(self))
 
     def _step_lr_scheduler(self) -> None:
         if self._lr_scheduler is not None:
@@ -363,31 +383,6 @@ class ClassifierModule(LightningModule):
                 "links it from data.num_classes) and give the backbone as many outputs."
             )
 
-    def _nonfinite_loss_message(self, finite: Tensor, batch_idx: int) -> str:
-        where = f"epoch {self.current_epoch}, batch_idx {batch_idx}"
-        if finite.all():
-            where += " on another process"
-        else:
-            first = int((~finite).nonzero()[0])
-            step = self.trainer.global_step - len(finite) + first
-            where += f", trainer.global_step {step} (optimizer step {first + 1} of the batch's {len(finite)})"
-        return (
-            f"the training loss is not finite (NaN or inf) at {where}. Look for NaN or inf in that batch's images, "
-            "lower the learning rate or set gradient_clip_norm; or set on_nonfinite_loss='skip' to skip such steps "
-            "(and their δ update) and count them."
-        )
-
-    def _report_skipped_steps(self) -> None:
-        skipped = torch.as_tensor(self._skipped_steps, dtype=torch.float32, device=self.device)
-        self._skipped_steps = 0
-        skipped = self.trainer.strategy.reduce(skipped, reduce_op="sum")
-        self.log("train/skipped_steps", skipped)
-        if skipped > 0:  # one host synchronisation per epoch
-            rank_zero_warn(
-                f"on_nonfinite_loss='skip': {int(skipped)} optimizer step(s) of epoch {self.current_epoch} had a "
-                "non-finite loss and were skipped (summed over processes)."
-            )
-
 
 _MODULE_KEY = "freeadv_pl_module"
 """Checkpoint key of the classes that wrote it (most derived first), checked when a checkpoint is loaded."""
@@ -395,18 +390,22 @@ _INPUT_SHAPE_KEY = "freeadv_pl_input_shape"
 """Checkpoint key of one training image's shape, for ``export``."""
 
 
+def _same_statistics(model: InputNormalization, mean: Sequence[float], std: Sequence[float]) -> bool:
+    given = torch.cat([model.mean.flatten(), model.std.flatten()]).cpu()
+    declared = torch.cat([torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)])
+    return given.shape == declared.shape and torch.allclose(given, declared)
+
+
+def _attached_trainer(module: LightningModule) -> Trainer | None:
+    """The module's Trainer, or None when it has none (``load_from_checkpoint``)."""
+    try:
+        return module.trainer
+    except RuntimeError:
+        return None
+
+
 def _lineage(module_class: type) -> list[str]:
     return [f"{c.__module__}.{c.__qualname__}" for c in module_class.__mro__ if issubclass(c, ClassifierModule)]
-
-
-def _zero_nonfinite_gradients(optimizer: Optimizer) -> None:
-    """Zero all of ``optimizer``'s gradients if any element is NaN or inf, without a host synchronisation."""
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if grads:
-        # A sum is NaN or inf as soon as one of its terms is.
-        nonfinite = ~torch.isfinite(torch.stack([grad.sum() for grad in grads]).sum())
-        for grad in grads:
-            grad.masked_fill_(nonfinite, 0.0)
 
 
 def check_trainer_for_manual_optimization(trainer: Trainer) -> None:

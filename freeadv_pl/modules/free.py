@@ -12,42 +12,25 @@ from torch import Tensor
 
 from freeadv_pl._checks import as_pixel_fraction, check_choice, check_int
 from freeadv_pl.data.batch import unpack_batch
-from freeadv_pl.modules._cuda_graph import ReplayGraph, float_learning_rates, graph_blocker
+from freeadv_pl.modules._cuda_graph import ReplayGraph, graph_blocker
 from freeadv_pl.modules._delta_bank import PerturbationBank
 from freeadv_pl.modules._perturbation import StoredPerturbation, step_delta
 from freeadv_pl.modules.base import ClassifierModule
 
 
 class FreeAdversarialModule(ClassifierModule):
-    """Free-m adversarial training: each minibatch is replayed m times, and every replay's single backward pass
-    gives both the weight gradient (for one optimizer step) and the gradient of the perturbation δ.
+    """Free-m adversarial training (Algorithm 2): each minibatch is replayed m times, and every replay's single
+    backward pass gives both the weight gradient (for one optimizer step) and the gradient of the perturbation δ.
 
-    Per replay (Algorithm 2): ``x_adv = clamp(x + δ[:B], 0, 1)``; ``loss = CE(f(x_adv), y)``; one backward;
-    the optimizer steps with the weight gradient; ``δ ← clip(δ + step_size · sign(∇_δ loss), -ε, ε)`` with the
-    gradient taken at the same point as the weight gradient. δ is kept across minibatches and epochs; a smaller
-    last batch uses and updates ``δ[:B]``. A replay whose δ-gradient (an fp16 overflow) or loss is not finite leaves
-    δ unchanged.
-
-    The budget rule: m replays cost m forward/backward passes per batch, so Free-m trained for N/m epochs costs
-    what natural training does in N epochs. ``trainer.global_step`` counts optimizer steps (m per batch), and the
-    LR scheduler is stepped per optimizer step, so schedules are written in optimizer steps.
-
-    δ is a plain tensor attribute, not a registered buffer (under DDP each rank keeps its own), allocated lazily
-    at the first batch and exposed as :attr:`delta`.
-
-    Resuming (``Trainer.fit(..., ckpt_path=...)``): a checkpoint holds every process's δ (gathered when it is saved)
-    and each process takes its own back; with another number of processes, process r takes δ_r where it exists and
-    otherwise starts from zeros, with a warning. Weights, optimizer state, LR scheduler, ``global_step`` and δ come
-    back exactly, so a run resumed from an end-of-epoch checkpoint ends as the uninterrupted run would, provided the
-    data come in the same order (a one-process ``shuffle=True`` loader draws each epoch's order from the global RNG,
-    which checkpoints do not hold; DDP's sampler seeds it by epoch). A mid-epoch checkpoint
-    (``ModelCheckpoint(every_n_train_steps=...)``, counted in optimizer steps, m per batch) holds the state after its
-    batch's m replays, but Lightning re-enters the epoch with a new iterator over a plain DataLoader: the rest of
-    that epoch gets the loader's first batches again, not the ones left, and the epoch ends at its usual length.
+    Per replay: ``x_adv = clamp(x + δ[:B], 0, 1)``; ``loss = CE(f(x_adv), y)``; one backward; the optimizer steps;
+    ``δ ← clip(δ + step_size · sign(∇_δ loss), -ε, ε)``. δ is kept across minibatches and epochs (:attr:`delta`), one
+    per process, and saved in checkpoints. Free-m for N/m epochs costs what natural training does in N epochs;
+    ``trainer.global_step`` counts optimizer steps (m per batch). The design, δ under DDP and resuming are in
+    docs/design.md, "δ, the perturbation Free-m keeps".
 
     Args:
         backbone: any ``nn.Module`` mapping normalized images to logits.
-        num_classes: number of classes.
+        num_classes: number of classes; None: the DataModule's.
         replays: m, the number of replays of each minibatch (≥ 1).
         epsilon: the L∞ bound ε of δ, in pixel units (a float or a string like ``"8/255"``).
         step_size: the δ step ε_step; None means ε, as in the paper.
@@ -73,7 +56,7 @@ class FreeAdversarialModule(ClassifierModule):
             alone. Where it cannot be captured (the CPU, DDP, fp16's loss scaler, a callback with a per-step hook,
             ``compile=True``) the replays run eagerly, with one warning. Batches of another shape (the last, smaller
             one) run eagerly. See docs/design.md, "The replay in a CUDA graph".
-        **kwargs: ``mean``, ``std``, ``optimizer``, ``lr_scheduler`` of :class:`ClassifierModule`.
+        **kwargs: the other arguments of :class:`ClassifierModule` (``mean``, ``std``, ``optimizer``, ...).
 
     Raises:
         ValueError: if ``replays`` < 1, ε is outside [0, 1], ``step_size`` is not in (0, 1], on an unknown
@@ -93,7 +76,7 @@ class FreeAdversarialModule(ClassifierModule):
     def __init__(
         self,
         backbone: torch.nn.Module,
-        num_classes: int,
+        num_classes: int | None = None,
         replays: int = 8,
         epsilon: float | str = 8 / 255,
         step_size: float | str | None = None,
@@ -121,12 +104,14 @@ class FreeAdversarialModule(ClassifierModule):
         self._bank = PerturbationBank(check_choice(delta_bank, "delta_bank", ("device", "cpu")))
         self.cuda_graph = cuda_graph
         self._graph: ReplayGraph | None = None
-        self._guard_delta = True  # whether a replay's δ update checks finiteness; decided at the start of fit
 
     @property
     def passes_per_batch(self) -> int:
         """Forward/backward passes per minibatch: one per replay."""
         return self.replays
+
+    def kept_perturbation(self) -> StoredPerturbation | PerturbationBank:
+        return self._bank if self.delta_memory == "example" else self._delta
 
     @property
     def delta(self) -> Tensor | None:
@@ -136,12 +121,9 @@ class FreeAdversarialModule(ClassifierModule):
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        # Only where a replay can go on after a non-finite loss or δ-gradient (on_nonfinite_loss="skip", or an fp16
-        # loss scaler) must its δ update be skippable; with "raise" the run stops at the batch's end.
-        self._guard_delta = self.on_nonfinite_loss == "skip" or self._loss_scaled
         self._graph = None
         if self.cuda_graph:
-            reason = graph_blocker(self)
+            reason = graph_blocker(self, ClassifierModule)
             if reason is None:
                 self._graph = ReplayGraph(self)
             else:
@@ -187,7 +169,7 @@ class FreeAdversarialModule(ClassifierModule):
                 leaf = delta.clone().requires_grad_(True)
                 loss, logits = self.fit_step(torch.clamp(x + leaf, 0.0, 1.0), y)
                 with torch.no_grad():
-                    step_delta(leaf, step_size, epsilon, self._finite_losses[-1] if self._guard_delta else None, delta)
+                    step_delta(leaf, step_size, epsilon, self._nonfinite.update_guard(), delta)
             if self._graph is not None:  # a batch of another shape (the last, smaller one) ran eagerly
                 self._graph.restore_gradients()
         if self.delta_memory == "example":
@@ -209,19 +191,3 @@ class FreeAdversarialModule(ClassifierModule):
             )
         done = self.current_epoch * batches + batch_idx + 1
         return min(1.0, done / (self.epsilon_warmup_epochs * batches))
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        float_learning_rates(checkpoint)  # the same checkpoint with or without cuda_graph
-        if self.delta_memory == "example":
-            self._bank.synchronise(self.trainer)  # collective: every process builds the checkpoint
-            self._bank.save(checkpoint)
-        else:
-            self._delta.save(checkpoint, self.trainer)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        if self.delta_memory == "example":
-            self._bank.load(checkpoint, self._trainer)
-        else:
-            self._delta.load(checkpoint, self._trainer)

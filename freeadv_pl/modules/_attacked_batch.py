@@ -1,0 +1,55 @@
+"""What K-PGD and FGSM-RS training share: attack the batch with the weights frozen, then one optimizer step on it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from freeadv_pl._checks import as_pixel_fraction, check_choice, check_int
+from freeadv_pl.attacks import ModelMode, pgd
+from freeadv_pl.data.batch import unpack_batch
+from freeadv_pl.modules.base import ClassifierModule
+
+
+class AttackedBatchModule(ClassifierModule):
+    """Per minibatch: ``steps`` L∞ PGD steps of ``step_size`` from :meth:`initial_perturbation` (each projected onto
+    the ε-ball and [0, 1], taken with ``torch.autograd.grad`` so that weight gradients stay untouched), with the
+    model in ``attack_mode``; then one optimizer step on the adversarial batch. ``steps + 1`` forward/backward passes
+    per batch. Subclasses define the start and call :meth:`set_attack`; see :class:`PGDAdversarialModule`."""
+
+    def set_attack(self, steps: int, epsilon: float | str, step_size: float | str, attack_mode: ModelMode) -> None:
+        """Check and set the attack's settings (subclasses call it in ``__init__``, after ``super().__init__``)."""
+        self.steps = check_int(steps, "steps", minimum=1)
+        self.epsilon = as_pixel_fraction(epsilon, "epsilon")
+        self.step_size = as_pixel_fraction(step_size, "step_size", allow_zero=False)
+        self.attack_mode = check_choice(attack_mode, "attack_mode", ("train", "eval"))
+
+    @property
+    def passes_per_batch(self) -> int:
+        """Forward/backward passes per minibatch: ``steps`` for the attack, one for the optimizer step."""
+        return self.steps + 1
+
+    def initial_perturbation(self, x: Tensor) -> Tensor:
+        """The attack's start δ₀ for the batch ``x`` (before projection); override it to inject another start."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = unpack_batch(batch)[:2]
+        x_adv = pgd(
+            self.model,
+            x,
+            y,
+            epsilon=self.epsilon,
+            step_size=self.step_size,
+            steps=self.steps,
+            init=self.initial_perturbation(x),
+            model_mode=self.attack_mode,
+        )
+        loss, logits = self.fit_step(x_adv, y)
+        self.after_step(x, x_adv)
+        self.log_training(loss, logits, y)
+
+    def after_step(self, x: Tensor, x_adv: Tensor) -> None:
+        """Called after each batch's optimizer step with the clean and the adversarial batch."""
