@@ -7,10 +7,10 @@ import csv
 
 import torch
 import torch.nn.functional as F
+from conftest import quiet_trainer, tiny_cnn, tiny_loader
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import CSVLogger
 
-from conftest import quiet_trainer, tiny_cnn, tiny_loader
 from freeadv_pl._lightning_compat import cli_class_path, count_optimizer_step, should_update_logs
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from freeadv_pl._checks import as_pixel_fraction, check_choice, check_int
