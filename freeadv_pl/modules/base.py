@@ -156,7 +156,7 @@ class ClassifierModule(LightningModule):
         record them in the hyperparameters, so that checkpoints rebuild the same model); check ``num_classes``."""
         declared = getattr(data, "num_classes", None)
         declared = declared if isinstance(declared, int) else None
-        taken = []
+        taken: dict[str, Any] = {}
         if self.num_classes is None:
             if declared is None:
                 raise ValueError(
@@ -165,7 +165,7 @@ class ClassifierModule(LightningModule):
                     "DataModule that has a num_classes attribute (every freeadv_pl DataModule has)."
                 )
             self.num_classes = check_int(declared, "num_classes", minimum=2)
-            taken.append(f"num_classes={declared}")
+            taken["num_classes"] = declared
         elif declared is not None and declared != self.num_classes:
             raise ValueError(
                 f"the DataModule has num_classes={declared} but the module has num_classes={self.num_classes}: "
@@ -176,7 +176,7 @@ class ClassifierModule(LightningModule):
         if mean is not None and std is not None:
             if self.model.mean is None:
                 self.model.set_statistics(mean, std)
-                taken.append(f"mean={list(mean)}, std={list(std)}")
+                taken.update(mean=[float(v) for v in mean], std=[float(v) for v in std])
             elif not _same_statistics(self.model, mean, std):
                 rank_zero_warn(
                     f"the module normalizes with mean={self.model.mean.flatten().tolist()}, "
@@ -184,12 +184,9 @@ class ClassifierModule(LightningModule):
                     f"std={list(std)}: the module's own are used. Leave mean and std out to take the data's."
                 )
         if taken:
-            self.hparams.update(
-                num_classes=self.num_classes,
-                mean=None if self.model.mean is None else self.model.mean.flatten().tolist(),
-                std=None if self.model.std is None else self.model.std.flatten().tolist(),
-            )
-            rank_zero_info(f"{type(self).__name__} takes {' and '.join(taken)} from {type(data).__name__}.")
+            self.hparams.update(taken)
+            told = ", ".join(f"{key}={value}" for key, value in taken.items())
+            rank_zero_info(f"{type(self).__name__} takes {told} from {type(data).__name__}.")
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
