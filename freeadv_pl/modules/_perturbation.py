@@ -18,20 +18,13 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # δ ha
 
 
 class StoredPerturbation:
-    """A batch-sized perturbation δ carried from one minibatch to the next, one per process.
+    """A batch-sized perturbation δ carried from one minibatch to the next, one per process, as a plain tensor
+    (docs/design.md, "δ, the perturbation Free-m keeps", and its "Checkpoints and resuming").
 
-    A plain tensor, not a registered buffer: DDP broadcasts buffers from rank 0, and each rank must keep its own δ
-    (docs/design.md, "δ, the perturbation Free-m keeps"). Allocated as zeros at the first batch, on the batch's
-    device and dtype; a smaller last batch uses ``δ[:B]``; a larger batch grows δ with zero rows and a warning.
-
-    In a checkpoint, ``checkpoint["freeadv_pl_delta"] = {"world_size": W, "per_rank": [δ_0, ..., δ_{W-1}]}`` holds
-    every process's δ (CPU tensors; None for a process without δ yet; the key is absent while no process has one).
-    Lightning builds the checkpoint on every process and only rank 0 writes it, so :meth:`save` gathers the δ of
-    all processes, whatever their batch sizes: it must run on all of them, as ``Trainer.save_checkpoint`` does. For
-    a moment this holds W copies of δ in each process's device memory. On resume, process r takes back ``δ_r``.
-    Resuming with another number of processes warns: process r takes ``δ_r`` where it exists and otherwise starts
-    from δ = 0; the δ of processes beyond the new number are not used. A checkpoint written before δ was saved per
-    process holds one tensor: it counts as the δ of a one-process run.
+    Allocated as zeros at the first batch, on the batch's device and dtype; a smaller last batch uses ``δ[:B]``; a
+    larger batch grows δ with zero rows and a warning. In a checkpoint, ``checkpoint["freeadv_pl_delta"] =
+    {"world_size": W, "per_rank": [δ_0, ..., δ_{W-1}]}`` (CPU tensors; None for a process without δ yet). A checkpoint
+    written before δ was saved per process holds one tensor: it counts as the δ of a one-process run.
     """
 
     def __init__(self) -> None:

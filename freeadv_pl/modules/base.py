@@ -236,11 +236,10 @@ class ClassifierModule(LightningModule):
         """One optimizer step on ``CE(model(inputs), y)``: zero the gradients, one backward, step (and the scheduler's
         step with ``lr_scheduler_interval="step"``).
 
-        ``self.manual_backward`` and ``optimizer.step()`` keep DDP's gradient all-reduce, AMP's loss scaling and the
-        per-step hooks; where none of them takes part, the step is the plain ``loss.backward()`` and the wrapped
-        optimizer's ``step()`` they reduce to (the direct step, see the class docstring). Gradients of other leaves of
-        the graph (a perturbation δ) are filled by the same backward. Before the update, ``on_before_optimizer_step``
-        zeroes a non-finite weight gradient (``on_nonfinite_loss="skip"``) and clips it (``gradient_clip_norm``).
+        Through ``manual_backward`` and ``optimizer.step()``, or, where nothing else takes part, the plain
+        ``loss.backward()`` and ``step()`` they reduce to (docs/design.md, "The direct optimizer step"). The same
+        backward fills the gradients of other leaves (a perturbation δ). ``on_before_optimizer_step`` zeroes a
+        non-finite weight gradient (``on_nonfinite_loss="skip"``) and clips it (``gradient_clip_norm``).
 
         Returns:
             The loss and the logits, both still attached to the graph.

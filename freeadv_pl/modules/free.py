@@ -34,14 +34,9 @@ class FreeAdversarialModule(ClassifierModule):
         replays: m, the number of replays of each minibatch (≥ 1).
         epsilon: the L∞ bound ε of δ, in pixel units (a float or a string like ``"8/255"``).
         step_size: the δ step ε_step; None means ε, as in the paper.
-        delta_memory: ``"batch"``: δ belongs to a position in the batch, as in the paper. ``"example"``: δ belongs to
-            a training image and comes back when that image does, in the next epoch (per-example memory, as ATTA,
-            Zheng et al. 2020): the training batches must be ``(x, y, index)``
-            (``VisionDataModule(return_index=True)``), and :attr:`delta` is the bank of one δ per training image,
-            allocated at the start of ``fit`` from the training dataset's length, stored in the frame of the
-            un-augmented image (an on-device crop and flip is applied to δ and inverted), the same on every process
-            after each epoch, and saved in checkpoints. With every option below off this is exactly Algorithm 2
-            with an index-keyed δ.
+        delta_memory: ``"batch"``: δ belongs to a position in the batch, as in the paper. ``"example"``: one δ per
+            training image (a bank, :attr:`delta`), which comes back with its image the next epoch; the batches must be
+            ``(x, y, index)`` (``VisionDataModule(return_index=True)``). See docs/design.md, "Two memories".
         delta_bank: where the bank lives: ``"device"`` (the training device) or ``"cpu"`` (host memory, pinned on a
             GPU run; each batch's rows travel to the device and back). Checked to fit before training.
         delta_start_noise: ρ; at each batch's start, δ ← clip(δ + ρ·ε·U(−1, 1), −ε, ε), a random restart mixed into
@@ -49,13 +44,10 @@ class FreeAdversarialModule(ClassifierModule):
         delta_reset_every: set the stored δ (batch or bank) to zero at the start of every k-th epoch (None: never).
         epsilon_warmup_epochs: ε and ε_step ramp linearly from ~0 to their values over the first k epochs, batch by
             batch (0: off).
-        cuda_graph: on one CUDA device, capture one replay (forward, backward, the optimizer's step, δ's update) in a
-            CUDA graph at the first batch and replay it m times per batch, without the host's per-step work. Needs an
-            optimizer that can step inside a graph (``torch.optim.SGD(..., fused=True)``, which the default optimizer
-            is on a GPU, or Adam/AdamW with ``capturable=True``) and an LR scheduler that changes the learning rate
-            alone. Where it cannot be captured (the CPU, DDP, fp16's loss scaler, a callback with a per-step hook,
-            ``compile=True``) the replays run eagerly, with one warning. Batches of another shape (the last, smaller
-            one) run eagerly. See docs/design.md, "The replay in a CUDA graph".
+        cuda_graph: on one CUDA device, capture one replay in a CUDA graph at the first batch and replay it m times
+            per batch. Needs an optimizer that can step inside a graph (the default optimizer on a GPU, or Adam/AdamW
+            with ``capturable=True``); where it cannot be captured the replays run eagerly, with one warning. See
+            docs/design.md, "The replay in a CUDA graph".
         **kwargs: the other arguments of :class:`ClassifierModule` (``mean``, ``std``, ``optimizer``, ...).
 
     Raises:
