@@ -46,15 +46,12 @@ def read_cifar_batches(paths: list[Path], label_key: str) -> tuple[torch.Tensor,
 class _CIFARDataModule(VisionDataModule):
     """What CIFAR-10 and CIFAR-100 share; see :class:`CIFAR10DataModule`."""
 
-    dataset_name: str
+    dataset_name: str  # "CIFAR-10": torchvision's class CIFAR10, the archive cifar-10-python.tar.gz
     folder: str
-    archive: str
     train_files: tuple[str, ...]
     test_files: tuple[str, ...]
     meta_file: str
-    label_key: str
-    names_key: str
-    torchvision_class: str
+    label_key: str  # the labels' key in a batch; the class names are under its "label_names" form
     image_shape = (3, 32, 32)
 
     def __init__(self, *args: Any, augment: bool = True, **kwargs: Any) -> None:
@@ -66,7 +63,7 @@ class _CIFARDataModule(VisionDataModule):
         if self.download and self._find() is None:
             import torchvision.datasets
 
-            dataset_class = getattr(torchvision.datasets, self.torchvision_class)
+            dataset_class = getattr(torchvision.datasets, self.dataset_name.replace("-", ""))
             self._download_with_torchvision(dataset_class, self._root(), self._missing_message())
 
     def load_split(self, train: bool) -> Dataset:
@@ -75,12 +72,12 @@ class _CIFARDataModule(VisionDataModule):
             raise FileNotFoundError(self._missing_message())
         with open(folder / self.meta_file, "rb") as handle:
             meta = pickle.load(handle, encoding="latin1")
-        if self.names_key not in meta:
+        if self._names_key not in meta:
             raise ValueError(
-                f"{folder / self.meta_file} has no {self.names_key!r} (it has {sorted(meta)}): is this "
+                f"{folder / self.meta_file} has no {self._names_key!r} (it has {sorted(meta)}): is this "
                 f"{self.dataset_name}?"
             )
-        self.classes = list(meta[self.names_key])
+        self.classes = list(meta[self._names_key])
         if len(self.classes) != self.num_classes:
             raise ValueError(
                 f"{folder / self.meta_file} names {len(self.classes)} classes, {self.dataset_name} has "
@@ -119,6 +116,10 @@ class _CIFARDataModule(VisionDataModule):
                 return folder
         return None
 
+    @property
+    def _names_key(self) -> str:
+        return self.label_key.replace("labels", "label_names")
+
     def _missing_message(self) -> str:
         root = self._root()
         files = ", ".join((*self.train_files, *self.test_files, self.meta_file))
@@ -126,7 +127,7 @@ class _CIFARDataModule(VisionDataModule):
             f"{self.dataset_name} not found: expected the folder {self.folder}/ with "
             f"{files} (the python version, cifar-*-python.tar.gz, extracted) in {root} or these files in {root} "
             "itself. Set download=True where there is a network, or download "
-            f"https://www.cs.toronto.edu/~kriz/{self.archive} and extract it there, or set data_dir to the folder "
+            f"https://www.cs.toronto.edu/~kriz/{self.dataset_name.lower()}-python.tar.gz and extract it there, or set data_dir to the folder "
             "that holds it."
         )
 
@@ -161,17 +162,13 @@ class CIFAR10DataModule(_CIFARDataModule):
     """
 
     num_classes = 10
-    mean = (0.4914, 0.4822, 0.4465)
-    std = (0.2470, 0.2435, 0.2616)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
     dataset_name = "CIFAR-10"
     folder = "cifar-10-batches-py"
-    archive = "cifar-10-python.tar.gz"
     train_files = tuple(f"data_batch_{i}" for i in range(1, 6))
     test_files = ("test_batch",)
     meta_file = "batches.meta"
     label_key = "labels"
-    names_key = "label_names"
-    torchvision_class = "CIFAR10"
 
 
 class CIFAR100DataModule(_CIFARDataModule):
@@ -186,14 +183,10 @@ class CIFAR100DataModule(_CIFARDataModule):
     """
 
     num_classes = 100
-    mean = (0.5071, 0.4865, 0.4409)
-    std = (0.2673, 0.2564, 0.2762)
+    mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
     dataset_name = "CIFAR-100"
     folder = "cifar-100-python"
-    archive = "cifar-100-python.tar.gz"
     train_files = ("train",)
     test_files = ("test",)
     meta_file = "meta"
     label_key = "fine_labels"
-    names_key = "fine_label_names"
-    torchvision_class = "CIFAR100"
