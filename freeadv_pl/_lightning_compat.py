@@ -26,3 +26,9 @@ def cli_class_path(hyperparameters: Mapping[str, Any]) -> str | None:
     """The model class a ``LightningCLI`` run recorded in its module's saved hyperparameters (None when it was not
     written by a LightningCLI)."""
     return hyperparameters.get("_class_path")
+
+
+def epoch_to_run(trainer: Trainer) -> int:
+    """The epoch the fit loop runs next, the number Lightning passes to the training sampler's ``set_epoch`` (after a
+    resume, too); Lightning calls ``set_epoch`` only after it has made the first iterator of a resumed fit."""
+    return trainer.fit_loop.epoch_progress.current.processed

@@ -128,9 +128,9 @@ def test_global_batch_size_is_split_across_processes(tmp_path, world_size, expec
     write_cifar(tmp_path, 10)
     data = CIFAR10DataModule(tmp_path, batch_size=128, val_size=0, batch_size_is_global=True)
     data.setup("fit")
-    data.trainer = SimpleNamespace(world_size=world_size)
+    data.trainer = SimpleNamespace(world_size=world_size, global_rank=0)
     assert data.train_dataloader().batch_size == expected
-    data.trainer = SimpleNamespace(world_size=3)
+    data.trainer = SimpleNamespace(world_size=3, global_rank=0)
     with pytest.raises(ValueError, match="batch_size=128 is a total over 3 processes.*multiple of 3"):
         data.train_dataloader()
 

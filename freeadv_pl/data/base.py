@@ -8,9 +8,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from freeadv_pl._checks import check_int
+from freeadv_pl._lightning_compat import epoch_to_run
+from freeadv_pl._step_random import step_seed
 from freeadv_pl.data.augmentation import RandomCropFlip
 
 Transform = Callable[[Any], Any]
@@ -71,6 +74,11 @@ class VisionDataModule(LightningDataModule):
             :class:`~freeadv_pl.data.augmentation.CropFlip` that maps a per-image perturbation into the augmented
             images and back. It runs only when the Trainer is given the DataModule (``fit(datamodule=...)``).
             Validation and test batches stay ``(x, y)``.
+        seeded_order: the training order of epoch e is a permutation drawn from ``(seed, e)``
+            (``DistributedSampler``'s, also in one process), so that a resumed run sees the uninterrupted run's
+            order; False: ``shuffle=True`` from the global RNG (and Lightning's sampler under DDP). The training
+            loader is a torchdata ``StatefulDataLoader`` either way, whose position Lightning keeps in checkpoints,
+            so a mid-epoch resume continues with the batches that were left.
 
     Raises:
         ValueError: on a negative ``val_size``, a ``train_size``/``test_size`` < 1 or a batch size < 1; in
@@ -98,6 +106,7 @@ class VisionDataModule(LightningDataModule):
         download: bool = False,
         batch_size_is_global: bool = False,
         return_index: bool = False,
+        seeded_order: bool = True,
     ) -> None:
         super().__init__()
         self.data_dir = None if data_dir is None else Path(data_dir).expanduser()
@@ -115,10 +124,13 @@ class VisionDataModule(LightningDataModule):
         self.download = download
         self.batch_size_is_global = batch_size_is_global
         self.return_index = return_index
+        self.seeded_order = seeded_order
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self._batch_augmentation = self.batch_augmentation() if return_index else None
+        if self._batch_augmentation is not None:  # reseeded per batch (step_seed): exact resume
+            self._batch_augmentation.generator = torch.Generator()
 
     def load_split(self, train: bool) -> Dataset:
         """The full training (``train=True``) or test split, as a dataset of ``(image in [0, 1], label)``."""
@@ -141,6 +153,8 @@ class VisionDataModule(LightningDataModule):
         if self._batch_augmentation is None or self.trainer is None or not self.trainer.training or len(batch) != 3:
             return batch
         x, y, index = batch
+        trainer = self.trainer
+        self._batch_augmentation.generator.manual_seed(step_seed(self.seed, trainer.global_rank, trainer.global_step))
         crop_flip = self._batch_augmentation.draw(x)
         return crop_flip.apply(x), y, index, crop_flip
 
@@ -199,16 +213,17 @@ class VisionDataModule(LightningDataModule):
     def _dataloader(self, dataset: Dataset | None, *, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
-        return DataLoader(
-            dataset,
-            batch_size=(
-                self._per_process(self.batch_size, "batch_size")
-                if train
-                else self._per_process(self.eval_batch_size, "eval_batch_size")
-            ),
-            shuffle=train,
-            drop_last=train and self.drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+        settings: dict[str, Any] = {"num_workers": self.num_workers, "pin_memory": self.pin_memory}
+        settings["persistent_workers"] = self.num_workers > 0
+        if not train:
+            return DataLoader(dataset, self._per_process(self.eval_batch_size, "eval_batch_size"), **settings)
+        if self.seeded_order:
+            world_size, rank = (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
+            sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=self.seed)
+            if self.trainer is not None and hasattr(self.trainer, "fit_loop"):
+                sampler.set_epoch(epoch_to_run(self.trainer))  # a resumed fit's first epoch (the iterator comes first)
+            settings["sampler"] = sampler
+        else:
+            settings["shuffle"] = True
+        batch_size = self._per_process(self.batch_size, "batch_size")
+        return StatefulDataLoader(dataset, batch_size, drop_last=self.drop_last, **settings)

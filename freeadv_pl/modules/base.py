@@ -21,6 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from freeadv_pl._checks import check_choice, check_int, check_positive
 from freeadv_pl._lightning_compat import count_optimizer_step, should_update_logs
+from freeadv_pl._step_random import StepRandom
 from freeadv_pl.export import export_classifier
 from freeadv_pl.models.normalization import InputNormalization
 from freeadv_pl.modules._cuda_graph import float_learning_rates
@@ -116,6 +117,7 @@ class ClassifierModule(LightningModule):
             None if gradient_clip_norm is None else check_positive(gradient_clip_norm, "gradient_clip_norm")
         )
         self._nonfinite = NonFiniteLosses(on_nonfinite_loss)
+        self._random = StepRandom()
         self.automatic_optimization = False
         self._inputs_checked = False
         self.input_shape: tuple[int, ...] | None = None  # one image's, from the first batch (saved in checkpoints)
@@ -206,6 +208,7 @@ class ClassifierModule(LightningModule):
     def on_train_start(self) -> None:
         self._training_logged = False
         self._nonfinite.start(self.trainer)
+        self._random.start()
         self._step_optimizer = self.optimizers()
         self._lr_scheduler = self.lr_schedulers()
         self._direct_step = direct_step_blocker(self.trainer, self, ClassifierModule) is None
@@ -283,14 +286,22 @@ class ClassifierModule(LightningModule):
         if self.input_shape is not None:
             checkpoint[_INPUT_SHAPE_KEY] = list(self.input_shape)
         float_learning_rates(checkpoint)  # the same checkpoint with or without a CUDA graph
-        kept = self.kept_perturbation()
-        if kept is not None:
-            kept.save(checkpoint, self.trainer)  # collective under DDP: every process builds the checkpoint
+        for state in self._training_state():
+            state.save(checkpoint, self.trainer)  # collective under DDP: every process builds the checkpoint
 
     def kept_perturbation(self) -> Any:
         """The perturbation state this module keeps across batches and saves in checkpoints (an object with
         ``save(checkpoint, trainer)`` and ``load(checkpoint, trainer_or_None)``), or None."""
         return None
+
+    def random_generator(self, x: Tensor) -> torch.Generator | None:
+        """The generator of this batch's random draws on ``x``'s device, a function of the run's seed, the process
+        and ``trainer.global_step`` (exact resume); None (the global RNG) outside ``fit``."""
+        return self._random.generator(x.device, _attached_trainer(self))
+
+    def _training_state(self) -> list[Any]:
+        kept = self.kept_perturbation()
+        return [self._random] if kept is None else [self._random, kept]
 
     def export(self, path: str | os.PathLike, input_shape: Sequence[int] | None = None) -> dict[str, Path]:
         """Write the model for use without freeadv_pl: ``path`` (``model.pt2``), a ``torch.export`` program taking
@@ -330,9 +341,8 @@ class ClassifierModule(LightningModule):
                 f"start a {loader} from its weights only, use "
                 "module.load_state_dict(torch.load(path, weights_only=True)['state_dict'])."
             )
-        kept = self.kept_perturbation()
-        if kept is not None:
-            kept.load(checkpoint, _attached_trainer(self))
+        for state in self._training_state():
+            state.load(checkpoint, _attached_trainer(self))
 
     def _step_lr_scheduler(self) -> None:
         if self._lr_scheduler is not None:

@@ -72,7 +72,7 @@ class FastAdversarialModule(AttackedBatchModule):
     def initial_perturbation(self, x: Tensor) -> Tensor:
         """The FGSM step's start δ₀ for the batch ``x`` (before projection); override it to inject another start."""
         if self.init == "uniform":
-            return uniform_perturbation(x, self.epsilon)
+            return uniform_perturbation(x, self.epsilon, self.random_generator(x))
         if self.init == "zero":
             return torch.zeros_like(x)
         return self._previous.for_batch(x)

@@ -152,7 +152,7 @@ class FreeAdversarialModule(ClassifierModule):
         else:
             delta = self._delta.for_batch(x)  # a view of δ[:B]: writing into it updates the stored δ
         if self.delta_start_noise > 0:
-            noise = torch.empty_like(delta).uniform_(-1.0, 1.0)
+            noise = torch.empty_like(delta).uniform_(-1.0, 1.0, generator=self.random_generator(delta))
             delta.copy_((delta + self.delta_start_noise * epsilon * noise).clamp_(-epsilon, epsilon))
         if self._graph is not None and self._graph.fits(x):
             loss, logits = self._graph.run(x, y, delta, epsilon, step_size)

@@ -58,4 +58,8 @@ class PGDAdversarialModule(AttackedBatchModule):
 
     def initial_perturbation(self, x: Tensor) -> Tensor:
         """The attack's starting δ for the batch ``x``; override it to inject another start."""
-        return uniform_perturbation(x, self.epsilon) if self.random_start else torch.zeros_like(x)
+        return (
+            uniform_perturbation(x, self.epsilon, self.random_generator(x))
+            if self.random_start
+            else torch.zeros_like(x)
+        )
