@@ -28,7 +28,22 @@ def cli_class_path(hyperparameters: Mapping[str, Any]) -> str | None:
     return hyperparameters.get("_class_path")
 
 
-def epoch_to_run(trainer: Trainer) -> int:
-    """The epoch the fit loop runs next, the number Lightning passes to the training sampler's ``set_epoch`` (after a
-    resume, too); Lightning calls ``set_epoch`` only after it has made the first iterator of a resumed fit."""
-    return trainer.fit_loop.epoch_progress.current.processed
+def resumes_after_last_batch(fit_loop_state: Mapping[str, Any]) -> bool:
+    """Whether a fit loop's state (``trainer.fit_loop.state_dict()``, ``checkpoint["loops"]["fit_loop"]``) was saved
+    after an epoch's last batch but before the epoch's end. Lightning resumes such a checkpoint as the end of that
+    epoch without running the epoch's end: the next epoch starts from its first batch."""
+    epochs = fit_loop_state["epoch_progress"]["current"]
+    batches = fit_loop_state["epoch_loop.batch_progress"]
+    return (
+        epochs["started"] > epochs["processed"]
+        and batches["is_last_batch"]
+        and batches["current"]["processed"] == batches["current"]["ready"]
+    )
+
+
+def epoch_to_run(trainer: Trainer) -> tuple[int, bool]:
+    """The epoch the fit loop runs next (the number Lightning passes to the training sampler's ``set_epoch``, which it
+    does only after it has made a resumed fit's first iterator), and whether it starts afresh although the fit resumes
+    a checkpoint (:func:`resumes_after_last_batch`)."""
+    fresh = resumes_after_last_batch(trainer.fit_loop.state_dict())
+    return trainer.fit_loop.epoch_progress.current.processed + fresh, fresh

@@ -1,5 +1,5 @@
 """One training run of tests/test_exact_resume.py, in its own process: a tiny VisionDataModule (shuffled, seeded
-order, stateful loader), Free-2 or FGSM-RS, checkpoints after every batch and every epoch, optionally a SIGTERM to
+order, stateful loader), Free-2 or FGSM-RS with the LR halved at each epoch's end, checkpoints after every batch and every epoch, optionally a SIGTERM to
 itself in the middle of a batch's replays, optionally resumed from a checkpoint. It writes each process's final
 state (weights, optimizer state, LR, δ, global step) to ``<out>/final_rank<r>.pt``.
 
@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+from functools import partial
 from pathlib import Path
 
 import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
+from torch.optim.lr_scheduler import StepLR
 from torch.utils.data import TensorDataset
 
 from freeadv_pl import FastAdversarialModule, FreeAdversarialModule, VisionDataModule
@@ -59,12 +61,14 @@ def main() -> None:
     torch.set_num_threads(1)
     seed_everything(0)
     backbone = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    halve_each_epoch = {"lr_scheduler": partial(StepLR, step_size=1, gamma=0.5), "lr_scheduler_interval": "epoch"}
     if args.method == "fgsm":
-        module = signal_at(FastAdversarialModule, args.sigterm_at)(backbone, epsilon=0.1)
+        module = signal_at(FastAdversarialModule, args.sigterm_at)(backbone, epsilon=0.1, **halve_each_epoch)
     else:
         memory = "example" if args.method == "free-example" else "batch"
-        module_class = signal_at(FreeAdversarialModule, args.sigterm_at)
-        module = module_class(backbone, replays=2, epsilon=0.1, delta_memory=memory, delta_start_noise=0.5)
+        module = signal_at(FreeAdversarialModule, args.sigterm_at)(
+            backbone, replays=2, epsilon=0.1, delta_memory=memory, delta_start_noise=0.5, **halve_each_epoch
+        )
     data = TinyData(batch_size=BATCH, val_size=0, return_index=args.method == "free-example")
     steps = ModelCheckpoint(args.out / "steps", filename="{step}", every_n_train_steps=1, save_top_k=-1)
     epochs = ModelCheckpoint(args.out / "epochs", filename="{epoch}", save_top_k=-1, save_on_train_epoch_end=True)

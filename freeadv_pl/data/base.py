@@ -219,11 +219,23 @@ class VisionDataModule(LightningDataModule):
             return DataLoader(dataset, self._per_process(self.eval_batch_size, "eval_batch_size"), **settings)
         if self.seeded_order:
             world_size, rank = (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
-            sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=self.seed)
-            if self.trainer is not None and hasattr(self.trainer, "fit_loop"):
-                sampler.set_epoch(epoch_to_run(self.trainer))  # a resumed fit's first epoch (the iterator comes first)
-            settings["sampler"] = sampler
+            settings["sampler"] = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=self.seed)
         else:
             settings["shuffle"] = True
-        batch_size = self._per_process(self.batch_size, "batch_size")
-        return StatefulDataLoader(dataset, batch_size, drop_last=self.drop_last, **settings)
+        loader = _TrainingLoader(dataset, self._per_process(self.batch_size, "batch_size"), self.drop_last, **settings)
+        if self.trainer is not None and hasattr(self.trainer, "fit_loop"):
+            epoch, loader.fresh_epoch = epoch_to_run(self.trainer)
+            if self.seeded_order:  # before the first iterator, which a resumed fit makes before calling set_epoch
+                settings["sampler"].set_epoch(epoch)
+        return loader
+
+
+class _TrainingLoader(StatefulDataLoader):
+    """The training loader: Lightning keeps its position in checkpoints and gives it back on resume, except where the
+    resumed fit starts a new epoch (``fresh_epoch``)."""
+
+    fresh_epoch = False
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self.fresh_epoch:
+            super().load_state_dict(state_dict)

@@ -20,7 +20,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 
 from freeadv_pl._checks import check_choice, check_int, check_positive
-from freeadv_pl._lightning_compat import count_optimizer_step, should_update_logs
+from freeadv_pl._lightning_compat import count_optimizer_step, resumes_after_last_batch, should_update_logs
 from freeadv_pl._step_random import StepRandom
 from freeadv_pl.export import export_classifier
 from freeadv_pl.models.normalization import InputNormalization
@@ -126,6 +126,7 @@ class ClassifierModule(LightningModule):
         self._direct_step = False  # decided at the start of fit (direct_step_blocker)
         self._step_optimizer: Any = None  # the LightningOptimizer of this fit
         self._lr_scheduler: Any = None  # and its LR scheduler (None without one)
+        self._epoch_to_finish = False  # resumed from a checkpoint written after an epoch's last batch
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
 
     @property
@@ -212,6 +213,9 @@ class ClassifierModule(LightningModule):
         self._step_optimizer = self.optimizers()
         self._lr_scheduler = self.lr_schedulers()
         self._direct_step = direct_step_blocker(self.trainer, self, ClassifierModule) is None
+        if self._epoch_to_finish:  # resumed after an epoch's last batch: Lightning skips that epoch's end
+            self._epoch_to_finish = False
+            self.finish_epoch()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self._inputs_checked:
@@ -277,9 +281,13 @@ class ClassifierModule(LightningModule):
             self._step_lr_scheduler()
 
     def on_train_epoch_end(self) -> None:
+        self.finish_epoch()
+        self._nonfinite.end_epoch(self)
+
+    def finish_epoch(self) -> None:
+        """What the end of a training epoch does to the training state: step an epoch-interval LR scheduler."""
         if self.lr_scheduler_interval == "epoch":
             self._step_lr_scheduler()
-        self._nonfinite.end_epoch(self)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[_MODULE_KEY] = _lineage(type(self))
@@ -343,6 +351,8 @@ class ClassifierModule(LightningModule):
             )
         for state in self._training_state():
             state.load(checkpoint, _attached_trainer(self))
+        loop = checkpoint.get("loops", {}).get("fit_loop")
+        self._epoch_to_finish = bool(loop) and resumes_after_last_batch(loop)
 
     def _step_lr_scheduler(self) -> None:
         if self._lr_scheduler is not None:

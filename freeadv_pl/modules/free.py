@@ -168,8 +168,8 @@ class FreeAdversarialModule(ClassifierModule):
             self._bank.store(index, delta, stored, crop_flip)
         self.log_training(loss, logits, y)
 
-    def on_train_epoch_end(self) -> None:
-        super().on_train_epoch_end()
+    def finish_epoch(self) -> None:
+        super().finish_epoch()
         self._bank.synchronise(self.trainer)
 
     def _warmup_scale(self, batch_idx: int) -> float:

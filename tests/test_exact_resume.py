@@ -1,0 +1,122 @@
+"""Interrupt a run at any optimizer step and resume it to the uninterrupted run's final state, bitwise on the CPU:
+weights, optimizer state, LR, δ (or the δ bank) and global step. Each run is ``tests/resume_run.py`` in its own
+process (shuffled seeded order, stateful loader, checkpoints after every optimizer step and every epoch)."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parent / "resume_run.py"
+STEPS_PER_EPOCH = {1: 10, 2: 6}  # Free-2 on 40 images in batches of 8: 5 batches (3 per process under 2-process DDP)
+PICK = random.Random(18)  # the seeded random optimizer steps at which runs are interrupted
+
+
+def run(out: Path, method: str, *args: str, devices: int = 1) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(SCRIPT), "--method", method, "--out", str(out), "--devices", str(devices), *args]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parent), *sys.path])}
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment, check=False)
+
+
+def finished(out: Path, method: str, *args: str, devices: int = 1) -> list[dict]:
+    result = run(out, method, *args, devices=devices)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [torch.load(out / f"final_rank{rank}.pt", weights_only=True) for rank in range(devices)]
+
+
+def assert_bitwise_equal(resumed: dict, uninterrupted: dict) -> None:
+    assert resumed["global_step"] == uninterrupted["global_step"]
+    assert resumed["lr"] == uninterrupted["lr"]
+    for key, value in uninterrupted["weights"].items():
+        assert torch.equal(resumed["weights"][key], value), key
+    for key, state in uninterrupted["optimizer"].items():
+        assert torch.equal(resumed["optimizer"][key]["momentum_buffer"], state["momentum_buffer"]), key
+    if uninterrupted["delta"] is None:
+        assert resumed["delta"] is None
+    else:
+        assert torch.equal(resumed["delta"], uninterrupted["delta"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The uninterrupted run of each (method, processes), made once; its folder holds its checkpoints."""
+    runs: dict[tuple[str, int], tuple[Path, list[dict]]] = {}
+
+    def get(method: str, devices: int = 1) -> tuple[Path, list[dict]]:
+        if (method, devices) not in runs:
+            out = tmp_path_factory.mktemp(f"{method}-{devices}")
+            runs[method, devices] = (out, finished(out, method, devices=devices))
+        return runs[method, devices]
+
+    return get
+
+
+def mid_epoch_step(devices: int = 1) -> int:
+    """A seeded random optimizer step after a batch's replays, inside an epoch other than the first."""
+    per_epoch = STEPS_PER_EPOCH[devices]
+    return PICK.choice([step for step in range(per_epoch + 2, 2 * per_epoch, 2)])
+
+
+def test_free_resumes_bitwise_from_an_epoch_end_a_mid_epoch_and_an_epochs_last_batch_checkpoint(
+    uninterrupted, tmp_path
+):
+    out, (full,) = uninterrupted("free")
+    assert full["lr"] == pytest.approx(0.1 / 2**3)  # the epoch-interval schedule: halved at each of the 3 epochs' ends
+    checkpoints = {"epoch": "epochs/epoch=0.ckpt", "mid": f"steps/step={mid_epoch_step()}.ckpt"}
+    checkpoints["last-batch"] = f"steps/step={2 * STEPS_PER_EPOCH[1]}.ckpt"  # before epoch 1's end: Lightning skips it
+    for name, checkpoint in checkpoints.items():
+        (resumed,) = finished(tmp_path / name, "free", "--resume", str(out / checkpoint))
+        assert_bitwise_equal(resumed, full)
+
+
+def test_the_delta_bank_resumes_bitwise_from_a_mid_epoch_checkpoint(uninterrupted, tmp_path):
+    out, (full,) = uninterrupted("free-example")
+    assert full["delta"].shape[0] == 40  # the bank: one δ per training image
+    (resumed,) = finished(tmp_path, "free-example", "--resume", str(out / f"steps/step={mid_epoch_step()}.ckpt"))
+    assert_bitwise_equal(resumed, full)
+
+
+def test_fgsm_rs_with_uniform_starts_resumes_bitwise_from_a_mid_epoch_checkpoint(uninterrupted, tmp_path):
+    out, (full,) = uninterrupted("fgsm")
+    step = PICK.choice(range(7, 10))  # one optimizer step per batch: any step is a batch's end
+    (resumed,) = finished(tmp_path, "fgsm", "--resume", str(out / f"steps/step={step}.ckpt"))
+    assert_bitwise_equal(resumed, full)
+
+
+def test_sigterm_in_the_middle_of_a_batchs_replays_checkpoints_that_batch_and_resumes_bitwise(uninterrupted, tmp_path):
+    _, (full,) = uninterrupted("free")
+    step = mid_epoch_step() + 1  # between the two replays of a batch
+    interrupted = run(tmp_path / "interrupted", "free", "--sigterm-at", str(step))
+    assert interrupted.returncode == 128 + 15, interrupted.stderr[-4000:]
+    assert "PreemptionCheckpoint: SIGTERM received; finished batch" in interrupted.stdout + interrupted.stderr
+    checkpoint = tmp_path / "interrupted" / "preempted" / "last-preempted.ckpt"
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == step + 1  # after the batch's second replay
+    (resumed,) = finished(tmp_path / "resumed", "free", "--resume", str(checkpoint))
+    assert_bitwise_equal(resumed, full)
+
+
+def test_two_process_ddp_resumes_bitwise_on_both_processes_from_a_mid_epoch_checkpoint(uninterrupted, tmp_path):
+    out, full = uninterrupted("free", devices=2)
+    checkpoint = out / f"steps/step={mid_epoch_step(devices=2)}.ckpt"
+    resumed = finished(tmp_path, "free", "--resume", str(checkpoint), devices=2)
+    for rank in range(2):
+        assert_bitwise_equal(resumed[rank], full[rank])
+    assert not torch.equal(full[0]["delta"], full[1]["delta"]), "each process keeps its own δ"
+
+
+def test_a_checkpoint_from_before_exact_resume_loads_with_a_warning(uninterrupted, tmp_path):
+    out, _ = uninterrupted("free")
+    checkpoint = torch.load(out / "epochs/epoch=0.ckpt", weights_only=True)
+    del checkpoint["freeadv_pl_random"]
+    checkpoint["loops"]["fit_loop"]["state_dict"].pop("combined_loader", None)
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    result = run(tmp_path / "resumed", "free", "--resume", str(old))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "written by an older freeadv_pl" in " ".join(result.stderr.split())
