@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from freeadv_pl import (
     AttackSpec,
+    AutoAttackSpec,
     FashionMNISTDataModule,
     FastAdversarialModule,
     FreeAdversarialModule,
@@ -42,9 +43,9 @@ from freeadv_pl import (
     PGDAdversarialModule,
     SmallCNN,
     TrainingTime,
+    robust_accuracy,
 )
-from freeadv_pl.autoattack import AutoAttackSpec
-from freeadv_pl.evaluation import count_correct
+from freeadv_pl.evaluation import SuiteAttack
 
 EPSILON = 0.1
 VALIDATION_ATTACK = AttackSpec(steps=10, step_size=EPSILON / 4)
@@ -155,14 +156,12 @@ def cache_file(folder: Path | None, name: str, epochs: int, lr: float) -> Path |
 
 
 def accuracy(
-    module: LightningModule, dataset: Dataset, attack: AttackSpec, seed: int, epsilon: float = EPSILON
-) -> float:
-    """Accuracy (%) of ``module`` on ``dataset`` under ``attack`` at ``epsilon``, with seeded random starts."""
-    generator = torch.Generator().manual_seed(seed)
-    correct, total = count_correct(
-        module.model, DataLoader(dataset, batch_size=500), lambda m, x, y: attack(m, x, y, epsilon, generator)
-    )
-    return 100.0 * correct / total
+    module: LightningModule, dataset: Dataset, attacks: dict[str, SuiteAttack], seed: int, epsilon: float = EPSILON
+) -> dict[str, float]:
+    """Accuracy (%) of ``module`` on ``dataset`` under each of ``attacks`` (by column) at ``epsilon``, with
+    :func:`freeadv_pl.robust_accuracy`'s seeded random starts."""
+    result = robust_accuracy(module.model, DataLoader(dataset, batch_size=500), [*attacks.values()], epsilon, seed=seed)
+    return {column: 100.0 * result[attack.key] for column, attack in attacks.items()}
 
 
 AUTOATTACK = AutoAttackSpec()
@@ -178,9 +177,10 @@ def autoattack_columns(
     module: LightningModule, subset: Subset, seed: int, epsilon: float = EPSILON
 ) -> dict[str, float]:
     """AutoAttack's accuracy (%), PGD-20's on the same images, and the gap between them (PGD-20 − AutoAttack)."""
-    pgd20 = accuracy(module, subset, TEST_ATTACKS["PGD-20"], seed, epsilon)
-    autoattack = accuracy(module, subset, AUTOATTACK, seed, epsilon)
-    return {"PGD-20 (AA images)": pgd20, "AutoAttack": autoattack, "PGD-20 − AutoAttack": pgd20 - autoattack}
+    scores = accuracy(
+        module, subset, {"PGD-20 (AA images)": TEST_ATTACKS["PGD-20"], "AutoAttack": AUTOATTACK}, seed, epsilon
+    )
+    return scores | {"PGD-20 − AutoAttack": scores["PGD-20 (AA images)"] - scores["AutoAttack"]}
 
 
 def autoattack_descriptions(subset: Subset, epsilon: float = EPSILON) -> dict[str, str]:
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 run["validation_score"] = None
                 outcome = "loss turned NaN/inf, out of the choice"
             else:
-                run["validation_score"] = accuracy(module, validation, criterion, args.seed)
+                run.update(accuracy(module, validation, {"validation_score": criterion}, args.seed))
                 candidates.append((run["validation_score"], module, run))
                 outcome = f"validation {criterion.title} {run['validation_score']:.1f} %"
             runs.append(run)
@@ -259,8 +259,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         _, module, chosen = max(candidates, key=lambda candidate: candidate[0])  # ties: the lower lr
         row.update({key: chosen[key] for key in ("lr", "validation_score", "optimizer_steps", "passes")})
         row.update({key: chosen[key] for key in ("wall_minutes", "cpu_minutes", "train_minutes")})
-        for key, attack in TEST_ATTACKS.items():
-            row[key] = accuracy(module, data.test_set, attack, args.seed)
+        row.update(accuracy(module, data.test_set, TEST_ATTACKS, args.seed))
         if aa_subset is not None:
             row.update(autoattack_columns(module, aa_subset, args.seed))
         log(

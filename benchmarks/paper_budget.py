@@ -200,9 +200,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         module, run = train(module_class, epochs, arguments, lr, data, args.seed, cache, args.device)
         row: dict[str, Any] = {"method": name, "epochs": epochs, "arguments": arguments, **run}
         if not run["diverged"]:
-            row["validation_pgd10"] = accuracy(module, validation, validation_attack, args.seed, epsilon)
-            for key, attack in test_attacks.items():
-                row[key] = accuracy(module, data.test_set, attack, args.seed, epsilon)
+            row.update(accuracy(module, validation, {"validation_pgd10": validation_attack}, args.seed, epsilon))
+            row.update(accuracy(module, data.test_set, test_attacks, args.seed, epsilon))
             if aa_subset is not None:
                 row.update(autoattack_columns(module, aa_subset, args.seed, epsilon))
         rows.append(row)

@@ -1,6 +1,7 @@
 """freeadv_pl: "Adversarial Training for Free!" (Shafahi et al., NeurIPS 2019) as PyTorch Lightning modules."""
 
 from freeadv_pl.attacks import cw_loss, fgsm, pgd
+from freeadv_pl.autoattack import AutoAttackSpec
 from freeadv_pl.callbacks import (
     AdversarialExamplesLogger,
     CatastrophicOverfittingGuard,
@@ -14,8 +15,7 @@ from freeadv_pl.data import (
     ImageNetDataModule,
     VisionDataModule,
 )
-from freeadv_pl.autoattack import AutoAttackSpec
-from freeadv_pl.evaluation import ATTACK_PRESETS, AttackSpec
+from freeadv_pl.evaluation import ATTACK_PRESETS, AttackSpec, count_correct, robust_accuracy
 from freeadv_pl.models import InputNormalization, PreActResNet18, SmallCNN, WideResNet
 from freeadv_pl.modules import (
     ClassifierModule,
@@ -50,7 +50,9 @@ __all__ = [
     "VisionDataModule",
     "WideResNet",
     "__version__",
+    "count_correct",
     "cw_loss",
     "fgsm",
     "pgd",
+    "robust_accuracy",
 ]

@@ -33,15 +33,11 @@ class AutoAttackSpec:
 
     ``version="standard"`` is AutoAttack's standard version with its official parameters: APGD-CE (100 steps,
     1 restart, ρ = 0.75), APGD-T (targeted DLR loss, 9 target classes, 100 steps), FAB-T (9 target classes,
-    100 steps, α_max = 0.1, η = 1.05, β = 0.9) and Square (5,000 queries, p_init = 0.8). Each is built from
-    torchattacks' own class: ``torchattacks.AutoAttack`` keeps 10-step defaults for its components, so it is not
-    used. With fewer than 10 classes, APGD-T and FAB-T target the C − 1 other classes (a warning says so); more
-    than 10 classes keep 9 targets, as the official code. ``version="apgd"`` is APGD-CE followed by APGD-DLR, a
-    cheaper check for the end of each epoch.
-
-    Every candidate an attack returns is projected onto the ε-ball and [0, 1] and classified again here: only a
-    verified misclassification counts. torchattacks reseeds the global random generators; each run happens inside
-    ``torch.random.fork_rng``, seeded from ``generator``, so training's random state is left as it was.
+    100 steps, α_max = 0.1, η = 1.05, β = 0.9) and Square (5,000 queries, p_init = 0.8), each built from
+    torchattacks' own class; with C < 10 classes APGD-T and FAB-T target the C − 1 others (a warning says so).
+    ``version="apgd"`` is APGD-CE then APGD-DLR, a cheaper check for the end of each epoch. Only a verified
+    misclassification counts (each candidate is projected onto the ε-ball and [0, 1] and classified again). Each run
+    happens inside ``torch.random.fork_rng`` seeded from ``generator``, so training's random state is kept.
 
     Args:
         version: ``"standard"`` or ``"apgd"``.

@@ -3,7 +3,9 @@ Lightning)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import functools
+import itertools
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -12,44 +14,68 @@ from torch import Tensor, nn
 
 from freeadv_pl._checks import as_pixel_fraction, check_choice, check_int
 from freeadv_pl._modes import temporary_mode
-from freeadv_pl.attacks import pgd
+from freeadv_pl.attacks import ModelMode, pgd
 from freeadv_pl.autoattack import AutoAttackSpec
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
 """Maps (model, images, labels) to adversarial images, e.g. ``functools.partial(pgd, epsilon=0.1, ...)``."""
+WORST, EXAMPLES = "worst", "examples"  # robust_accuracy's keys beside the attacks'
 
 
 def count_correct(
     model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], attack: Attack | None = None
 ) -> tuple[int, int]:
-    """Count the examples ``model`` classifies correctly, on clean inputs or on ``attack``'s adversarial ones.
-
-    The model runs in evaluation mode (its modes are restored afterwards), on the device of its parameters.
+    """``(correct, total)``: how many examples ``model`` classifies correctly, clean or on ``attack``'s images.
 
     Args:
-        model: maps images in [0, 1] to logits.
+        model: maps images in [0, 1] to logits; it runs in eval mode (modes restored), on its parameters' device.
         batches: ``(images, labels)`` pairs, e.g. a DataLoader.
         attack: None for clean accuracy, otherwise a function returning adversarial images.
-
-    Returns:
-        ``(correct, total)``.
 
     Example:
         >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
         >>> count_correct(model, [(torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 0]))])[1]
         3
     """
+    counts = _count(model, batches, {"attack": lambda x, y, generator: x if attack is None else attack(model, x, y)})
+    return counts["attack"], counts[EXAMPLES]
+
+
+def _count(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    attacks: dict[str, Callable[..., Tensor]],
+    *,
+    seed: int = 0,
+    numbers: Iterable[int] | None = None,
+    bf16: bool = False,
+    training: bool = False,
+    inspect: Callable[[nn.Module, Tensor, Tensor], None] | None = None,
+) -> dict[str, int]:
+    """The one counting loop: correct examples per key of ``attacks`` (``(x, y, generator=...) -> x_adv``), under
+    every one (``WORST``) and in all (``EXAMPLES``). Batch ``b`` (``numbers[i]`` for the i-th; default ``i``) seeds
+    the generator with ``seed + b``; ``inspect`` sees the first batch; ``training`` is the model's mode."""
     device = next(model.parameters()).device
-    correct = total = 0
-    with temporary_mode(model, training=False):
-        for x, y in batches:
+    generator = torch.Generator(device=device)
+    counts = dict.fromkeys([*attacks, WORST, EXAMPLES], torch.zeros((), dtype=torch.long, device=device))
+    with temporary_mode(model, training):
+        for number, (x, y) in zip(itertools.count() if numbers is None else numbers, batches):
             x, y = x.to(device), y.to(device)
-            if attack is not None:
-                x = attack(model, x, y)
-            with torch.no_grad():
-                correct += int((model(x).argmax(dim=1) == y).sum())
-            total += len(y)
-    return correct, total
+            if inspect is not None:
+                inspect(model, x, y)
+                inspect = None
+            unbroken = torch.ones_like(y, dtype=torch.bool)
+            for key, attack in attacks.items():
+                generator.manual_seed(seed + number)  # the same starts for every attack: restarts never help
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    x_adv = attack(x, y, generator=generator)
+                    with torch.no_grad():
+                        correct = model(x_adv).argmax(dim=1) == y
+                unbroken &= correct
+                counts[key] = counts[key] + correct.sum()
+            counts[WORST] = counts[WORST] + unbroken.sum()
+            counts[EXAMPLES] = counts[EXAMPLES] + len(y)
+    return {key: int(count) for key, count in counts.items()}
 
 
 @dataclass(frozen=True)
@@ -117,8 +143,8 @@ class AttackSpec:
     def step_size_for(self, epsilon: float) -> float:
         return epsilon / 4 if self.step_size is None else as_pixel_fraction(self.step_size, "step_size")
 
-    def describe(self, epsilon: float) -> str:
-        """Everything that defines the number: attack, loss, ε, step, restarts and start."""
+    def describe(self, epsilon: float, num_classes: int = 10) -> str:
+        """Everything that defines the number: attack, loss, ε, step, restarts and start (for any ``num_classes``)."""
         if self.steps == 0:
             return "natural (clean images)"
         epsilon = self.epsilon_for(epsilon)
@@ -133,9 +159,15 @@ class AttackSpec:
         )
 
     def __call__(
-        self, model: nn.Module, x: Tensor, y: Tensor, epsilon: float, generator: torch.Generator | None = None
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        epsilon: float,
+        generator: torch.Generator | None = None,
+        model_mode: ModelMode = "eval",
     ) -> Tensor:
-        """The adversarial images (``x`` itself for natural accuracy)."""
+        """The adversarial images (``x`` itself for natural accuracy), the model in ``model_mode`` meanwhile."""
         if self.steps == 0:
             return x
         epsilon = self.epsilon_for(epsilon)
@@ -149,6 +181,7 @@ class AttackSpec:
             restarts=self.restarts,
             loss=self.loss,
             random_start=self.random_start,
+            model_mode=model_mode,
             generator=generator,
         )
 
@@ -186,3 +219,74 @@ ATTACK_PRESETS: dict[str, tuple[SuiteAttack, ...]] = {
     "apgd": (AttackSpec(steps=0), AutoAttackSpec(version="apgd")),
 }
 """Attack suites by name, for ``RobustEvaluation(attacks="cifar")``."""
+
+
+def robust_accuracy(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    attacks: str | Sequence[SuiteAttack],
+    epsilon: float | str,
+    *,
+    seed: int = 0,
+    bf16: bool = False,
+) -> dict[str, float]:
+    """Accuracy of ``model`` under each attack of a suite, and per example under the worst of them: the numbers
+    :class:`~freeadv_pl.RobustEvaluation` logs on the same batches. Batch ``b``'s random starts are seeded with
+    ``seed + b`` for every attack, so a multi-restart attack never does better than its single-restart version.
+
+    Args:
+        model: maps images in [0, 1] to logits; it runs in eval mode (modes restored), on its parameters' device.
+        batches: ``(images, labels)`` pairs, e.g. a DataLoader.
+        attacks: a preset name of :data:`ATTACK_PRESETS` or a list of :class:`AttackSpec`/:class:`AutoAttackSpec`.
+        epsilon: the L∞ radius (a float or ``"8/255"``) of the attacks that set none of their own.
+        seed: seed of the random starts.
+        bf16: run the attacks' forward passes under bf16 autocast (weaker attacks: not for reported numbers).
+
+    Returns:
+        The accuracy by attack ``key``; under ``"worst"``, of the examples every attack leaves correct; under
+        ``"examples"``, their number.
+
+    Raises:
+        ValueError: on an unknown preset, an empty or duplicated suite, or no examples.
+        ModuleNotFoundError: on an AutoAttack suite without torchattacks.
+
+    Example:
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+        >>> batches = [(torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 0]))]
+        >>> sorted(robust_accuracy(model, batches, "pgd20", "8/255"))
+        ['examples', 'natural', 'pgd20', 'worst']
+    """
+    suite, epsilon = _suite(attacks, "attacks"), as_pixel_fraction(epsilon, "epsilon")
+    counts = _count(model, batches, _bind(suite, model, epsilon), seed=seed, bf16=bf16)
+    examples = counts.pop(EXAMPLES)
+    if not examples:
+        raise ValueError("robust_accuracy got no examples: pass batches of (images, labels), e.g. a DataLoader")
+    return {key: count / examples for key, count in counts.items()} | {EXAMPLES: examples}
+
+
+def _bind(suite: Sequence[SuiteAttack], model: nn.Module, epsilon: float, **options: str) -> dict[str, Callable]:
+    """The suite as ``_count`` takes it: by key, ``(x, y, generator=...) -> adversarial x`` on ``model`` at ε."""
+    return {attack.key: functools.partial(attack, model, epsilon=epsilon, **options) for attack in suite}
+
+
+def _suite(attacks: str | Sequence[SuiteAttack], name: str) -> tuple[SuiteAttack, ...]:
+    """A preset or a list of attacks, checked; ``name`` is the argument's name for the messages."""
+    if isinstance(attacks, str):
+        if attacks not in ATTACK_PRESETS:
+            raise ValueError(f"{name}={attacks!r} is not a preset: use one of {', '.join(ATTACK_PRESETS)} or a list")
+        suite = ATTACK_PRESETS[attacks]
+    else:
+        suite = tuple(attacks)
+        if not suite or not all(isinstance(attack, (AttackSpec, AutoAttackSpec)) for attack in suite):
+            raise ValueError(
+                f"{name} must be a preset name or a non-empty list of AttackSpec/AutoAttackSpec, got {attacks!r}"
+            )
+        keys = [attack.key for attack in suite]
+        if len(set(keys)) != len(keys) or {WORST, EXAMPLES} & set(keys):
+            raise ValueError(
+                f"{name} has attacks with the same name, or one named {WORST!r} or {EXAMPLES!r} (the worst case's and "
+                f"the example count's keys): {keys}. Give them distinct `name`s."
+            )
+    if any(isinstance(attack, AutoAttackSpec) for attack in suite):
+        AutoAttackSpec.ensure_available()  # before training, not at its end
+    return suite

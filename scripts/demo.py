@@ -12,7 +12,6 @@ the Fashion-MNIST test set. Logs and checkpoints go to outputs/demo/.
 from __future__ import annotations
 
 import argparse
-import functools
 import platform
 import sys
 import time
@@ -23,9 +22,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 import freeadv_pl
-from freeadv_pl.attacks import fgsm, pgd
+from freeadv_pl import AttackSpec, robust_accuracy
 from freeadv_pl.cli import build_cli
-from freeadv_pl.evaluation import count_correct
 
 ROOT = Path(__file__).resolve().parent.parent
 EPSILON = 0.1
@@ -40,24 +38,21 @@ def _train(config: Path, extra: list[str]) -> tuple[object, float]:
     return cli, time.perf_counter() - start
 
 
-def _evaluate(model: torch.nn.Module, loader: DataLoader) -> list[tuple[str, float, float]]:
+def _evaluate(model: torch.nn.Module, loader: DataLoader) -> list[tuple[str, float]]:
     attacks = {
-        "natural (no attack)": None,
-        f"FGSM (CE, ε={EPSILON})": functools.partial(fgsm, epsilon=EPSILON),
-        f"PGD-20 (CE, ε={EPSILON}, step {PGD_STEP:g}, 1 restart, random start)": functools.partial(
-            pgd, epsilon=EPSILON, step_size=PGD_STEP, steps=20
+        "natural (no attack)": AttackSpec(steps=0),
+        f"FGSM (CE, ε={EPSILON})": AttackSpec(steps=1, step_size=EPSILON, random_start=False, name="fgsm"),
+        f"PGD-20 (CE, ε={EPSILON}, step {PGD_STEP:g}, 1 restart, random start)": AttackSpec(
+            steps=20, step_size=PGD_STEP
         ),
-        f"CW-20 (PGD on the CW margin, ε={EPSILON}, step {PGD_STEP:g}, 1 restart, random start)": functools.partial(
-            pgd, epsilon=EPSILON, step_size=PGD_STEP, steps=20, loss="cw"
+        f"CW-20 (PGD on the CW margin, ε={EPSILON}, step {PGD_STEP:g}, 1 restart, random start)": AttackSpec(
+            steps=20, loss="cw", step_size=PGD_STEP
         ),
     }
-    rows = []
+    accuracy = robust_accuracy(model, loader, list(attacks.values()), EPSILON)
     for name, attack in attacks.items():
-        start = time.perf_counter()
-        correct, total = count_correct(model, loader, attack)
-        rows.append((name, 100.0 * correct / total, time.perf_counter() - start))
-        print(f"  {name}: {100.0 * correct / total:.2f}% of {total}", flush=True)
-    return rows
+        print(f"  {name}: {100.0 * accuracy[attack.key]:.2f}% of {accuracy['examples']}", flush=True)
+    return [(name, 100.0 * accuracy[attack.key]) for name, attack in attacks.items()]
 
 
 def main() -> None:
@@ -92,7 +87,7 @@ def main() -> None:
         epochs = cli.trainer.current_epoch
         results.append((label, epochs, cli.trainer.global_step, train_seconds, _evaluate(module.model, loader)))
 
-    names = [name for name, _, _ in results[0][4]]
+    names = [name for name, _ in results[0][4]]
     print("\n" + "=" * 100)
     print(
         f"Robustness on the Fashion-MNIST test set ({len(test_set)} images), ε = {EPSILON} in [0, 1] pixel units.\n"
@@ -105,7 +100,7 @@ def main() -> None:
     print("\n" + header + "".join(f" {f'[{index + 1}]':>7}" for index in range(len(names))))
     for label, epochs, steps, train_seconds, rows in results:
         line = f"  {label:<40} {epochs:>6} {steps:>10} {train_seconds:>8.0f}"
-        print(line + "".join(f" {accuracy:>7.2f}" for _, accuracy, _ in rows))
+        print(line + "".join(f" {accuracy:>7.2f}" for _, accuracy in rows))
     print(
         "\nEvery model made the same number of forward/backward passes (the budget rule: Free-m for N/m epochs costs "
         "natural training's N)."

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from conftest import banded_dataset, quiet_trainer, tiny_cnn
-from freeadv_pl import CatastrophicOverfittingGuard, FreeAdversarialModule, NaturalModule
+from freeadv_pl import AttackSpec, CatastrophicOverfittingGuard, FreeAdversarialModule, NaturalModule
 
 COLLAPSE_EPOCH = 4
 
 
 class _CollapsingModule(NaturalModule):
-    """Natural training that learns the banded task, then at COLLAPSE_EPOCH loses it for good: its logits are
+    """Natural training that learns the banded task, then at ``collapse_epoch`` loses it for good: its logits are
     negated (every confident answer becomes a wrong one) and its learning rate set to 0."""
 
+    collapse_epoch = COLLAPSE_EPOCH
+
     def on_train_epoch_start(self) -> None:
-        if self.current_epoch == COLLAPSE_EPOCH:
+        if self.current_epoch == self.collapse_epoch:
             with torch.no_grad():
                 for parameter in self.model.backbone[-1].parameters():
                     parameter.neg_()
@@ -36,11 +38,17 @@ class _Recorder(Callback):
         self.weights.append({key: value.clone() for key, value in pl_module.state_dict().items()})
 
 
-def _fit(module, guard, *more_callbacks, epochs=8):
+def _fit(module, guard, *more_callbacks, epochs=8, ckpt_path=None, **trainer_kwargs):
     loader = DataLoader(banded_dataset(1024), batch_size=128, shuffle=False)
-    trainer = quiet_trainer(max_epochs=epochs, callbacks=[*more_callbacks, guard])
-    trainer.fit(module, train_dataloaders=loader)
+    trainer = quiet_trainer(max_epochs=epochs, callbacks=[*more_callbacks, guard], **trainer_kwargs)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
     return trainer
+
+
+def _guard_state(path):
+    checkpoint = torch.load(path, weights_only=True)
+    (state,) = (value for key, value in checkpoint["callbacks"].items() if "CatastrophicOverfittingGuard" in key)
+    return state, checkpoint["state_dict"]
 
 
 def _collapsing_module():
@@ -62,6 +70,7 @@ def test_fires_on_a_collapse_stops_and_restores_the_best_weights(lightning_log):
     assert trainer.callback_metrics["guard/best_robust_acc"] == pytest.approx(guard.best_accuracy)
     assert trainer.callback_metrics["guard/robust_acc"] == pytest.approx(guard.history[-1])
     assert f"catastrophic overfitting at epoch {COLLAPSE_EPOCH}: PGD-5 accuracy" in lightning_log.text
+    assert "(PGD-5 (CE loss, ε = 0.01, step 0.0025, 1 random start))" in lightning_log.text
 
 
 def test_without_restore_best_the_weights_stay_and_training_still_stops():
@@ -89,19 +98,58 @@ def test_a_healthy_run_never_fires():
 def test_the_state_survives_a_checkpoint(tmp_path):
     module = _collapsing_module()
     guard = CatastrophicOverfittingGuard(epsilon=0.01)
-    trainer = _fit(module, guard, epochs=2)
+    recorder = _Recorder()
+    trainer = _fit(module, guard, recorder, epochs=2)
+    guard.best_step = -1  # as if the weights had moved on since the best epoch: the checkpoint keeps a copy
     trainer.save_checkpoint(tmp_path / "guard.ckpt")
     restored = CatastrophicOverfittingGuard(epsilon=0.01)
-    checkpoint = torch.load(tmp_path / "guard.ckpt", weights_only=True)
-    (state,) = (value for key, value in checkpoint["callbacks"].items() if "CatastrophicOverfittingGuard" in key)
-    restored.load_state_dict(state)
+    restored.load_state_dict(_guard_state(tmp_path / "guard.ckpt")[0])
     assert restored.history == guard.history and restored.best_epoch == guard.best_epoch
-    for key, value in module.state_dict().items():
-        torch.testing.assert_close(restored.state_dict()["best_state"][key], value, rtol=0, atol=0)
+    for key, value in recorder.weights[guard.best_epoch].items():
+        torch.testing.assert_close(restored._best_state[key], value, rtol=0, atol=0)
+
+
+def test_a_checkpoint_holds_a_weight_copy_only_when_the_best_epoch_is_older(tmp_path):
+    module, recorder = _collapsing_module(), _Recorder()
+    guard = CatastrophicOverfittingGuard(epsilon=0.01, restore_best=False)
+    every_epoch = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    _fit(module, guard, recorder, every_epoch, enable_checkpointing=True)
+    kinds = []
+    for epoch in range(COLLAPSE_EPOCH + 1):
+        state, weights = _guard_state(tmp_path / f"epoch={epoch}.ckpt")
+        if state["best_epoch"] == epoch:  # taken right after an improving check: its own weights are the best
+            assert isinstance(state["best_state"], str), "no second copy of the weights"
+            torch.testing.assert_close(weights, recorder.weights[epoch], rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(state["best_state"], recorder.weights[state["best_epoch"]], rtol=0, atol=0)
+        kinds.append(isinstance(state["best_state"], str))
+    assert kinds[0] and not kinds[COLLAPSE_EPOCH], "both cases are seen: the collapse epoch's best is older"
+
+
+def test_a_resumed_guard_that_fires_restores_the_best_weights_of_the_checkpoint(tmp_path, lightning_log):
+    first = _collapsing_module()
+    _fit(
+        first,
+        CatastrophicOverfittingGuard(epsilon=0.01),
+        ModelCheckpoint(dirpath=tmp_path),
+        epochs=1,
+        enable_checkpointing=True,
+    )
+    (path,) = tmp_path.glob("*.ckpt")
+    state, weights = _guard_state(path)
+    assert state["best_epoch"] == 0 and isinstance(state["best_state"], str), "the best weights are the checkpoint's"
+    module, guard = _collapsing_module(), CatastrophicOverfittingGuard(epsilon=0.01, threshold=0.1)
+    module.collapse_epoch = 1  # from about 43 % after one epoch to about 24 %
+    trainer = _fit(module, guard, ckpt_path=path)
+    assert guard.fired_epoch == 1 and trainer.current_epoch == 2 and guard.best_epoch == 0
+    torch.testing.assert_close(module.state_dict(), weights, rtol=0, atol=0)
+    assert "restoring the weights of epoch 0" in lightning_log.text
 
 
 def test_a_module_without_epsilon_needs_one():
-    with pytest.raises(ValueError, match=r"NaturalModule has no `epsilon`: give CatastrophicOverfittingGuard\(epsilon"):
+    with pytest.raises(
+        ValueError, match=r"NaturalModule has no `epsilon`.*CatastrophicOverfittingGuard\(epsilon=...\)"
+    ):
         _fit(NaturalModule(tiny_cnn(), 3), CatastrophicOverfittingGuard(), epochs=1)
 
 
@@ -110,8 +158,7 @@ def test_a_module_without_epsilon_needs_one():
     [
         pytest.param({"threshold": 0}, r"threshold must be a fraction in \(0, 1\]", id="threshold-zero"),
         pytest.param({"threshold": 20}, r"threshold must be a fraction in \(0, 1\] \(0.2 = 20 points", id="percent"),
-        pytest.param({"steps": 0}, "steps must be an integer ≥ 1", id="steps"),
-        pytest.param({"restarts": 0}, "restarts must be an integer ≥ 1", id="restarts"),
+        pytest.param({"attack": AttackSpec(steps=0)}, r"steps ≥ 1.*AttackSpec\(steps=5\)", id="steps"),
         pytest.param({"num_samples": 0}, "num_samples must be an integer ≥ 1", id="samples"),
         pytest.param({"epsilon": "8/256x"}, "epsilon must be a number in", id="epsilon"),
         pytest.param({"model_mode": "inference"}, "model_mode must be one of", id="mode"),
@@ -120,3 +167,8 @@ def test_a_module_without_epsilon_needs_one():
 def test_bad_arguments_name_the_fix(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CatastrophicOverfittingGuard(**kwargs)
+
+
+def test_the_attack_must_be_an_attack_spec():
+    with pytest.raises(TypeError, match=r"attack must be a freeadv_pl.AttackSpec such as AttackSpec\(steps=5\)"):
+        CatastrophicOverfittingGuard(attack="pgd5")

@@ -25,6 +25,8 @@ from freeadv_pl import (
     NaturalModule,
     RobustEvaluation,
     SmallCNN,
+    count_correct,
+    robust_accuracy,
 )
 
 TESTS = Path(__file__).resolve().parent
@@ -137,6 +139,26 @@ def test_the_worst_case_column_is_the_per_example_minimum(tmp_path):
     assert tested["test/robust/worst"] < tested["test/robust/natural"], "the attacks remove some accuracy"
 
 
+def test_robust_accuracy_gives_the_callbacks_numbers_on_the_same_batches():
+    module = trained_tiny_module()
+    loader = DataLoader(banded_dataset(70, seed=6), batch_size=16)
+    suite = [AttackSpec(steps=0), AttackSpec(steps=5, step_size=0.03, restarts=2), AttackSpec(steps=5, loss="cw")]
+    callback = RobustEvaluation(suite, epsilon=EPSILON, num_samples=None, seed=7)
+    (logged,) = quiet_trainer(callbacks=[callback]).validate(module, loader, verbose=False)
+    module.train()
+    ours = robust_accuracy(module, loader, suite, EPSILON, seed=7)
+    assert module.training, "the model's mode is given back"
+    assert ours["examples"] == 70 and set(ours) == {"natural", "pgd5x2", "cw5", "worst", "examples"}
+    for key in ("natural", "pgd5x2", "cw5", "worst"):
+        assert ours[key] == pytest.approx(logged[f"val/robust/{key}"], abs=1e-7)
+    assert ours["worst"] <= ours["cw5"] < ours["natural"], "the attacks remove accuracy"
+    assert ours["natural"] == count_correct(module, loader)[0] / 70
+    with pytest.raises(ValueError, match="attacks='pgd7' is not a preset"):
+        robust_accuracy(module, loader, "pgd7", EPSILON)
+    with pytest.raises(ValueError, match="got no examples"):
+        robust_accuracy(module, [], "pgd20", EPSILON)
+
+
 def test_restarts_never_do_better_than_their_first_start():
     module = trained_tiny_module()
     loader = DataLoader(banded_dataset(120, seed=4), batch_size=32)
@@ -199,6 +221,9 @@ def test_sanity_warnings(backbone, match):
         pytest.param(lambda: RobustEvaluation("cifar10"), "attacks='cifar10' is not a preset: use one of", id="preset"),
         pytest.param(lambda: RobustEvaluation([]), "non-empty list of AttackSpec", id="empty"),
         pytest.param(lambda: RobustEvaluation([AttackSpec(), AttackSpec()]), "same name.*distinct `name`s", id="dup"),
+        pytest.param(
+            lambda: RobustEvaluation([AttackSpec(name="examples")]), "one named 'worst' or 'examples'", id="reserved"
+        ),
         pytest.param(lambda: RobustEvaluation(num_samples=0), "num_samples must be an integer ≥ 1", id="samples"),
         pytest.param(lambda: AttackSpec(loss="l2"), "loss must be one of 'ce', 'cw', got 'l2'", id="loss"),
         pytest.param(lambda: AttackSpec(restarts=0), "restarts must be an integer ≥ 1, got 0", id="restarts"),

@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from freeadv_pl._checks import as_pixel_fraction, check_int
 from freeadv_pl._modes import temporary_mode
+from freeadv_pl.callbacks import _shared
 from freeadv_pl.evaluation import AttackSpec
 
 _MIN_TILE = 64  # images are enlarged by a whole factor to at least this many pixels, so that they can be seen
@@ -36,27 +37,14 @@ class AdversarialExamplesLogger(Callback):
 
     At the end of every ``every_n_epochs``-th validation epoch of ``fit`` (and of every ``trainer.validate``; never
     during the sanity check) the first ``num_images`` images of the first validation dataloader's dataset, the same
-    ones every time, are attacked with ``attack`` (PGD-20, step ε/4, one random start by default) with the model in
-    eval mode (its modes are restored afterwards). The random start is drawn from a generator seeded with ``seed``
-    each time, so successive pictures differ only because the model changed. The grid has three rows:
-
-    1. the clean images, captioned with the true label and the clean prediction (green: right, red: wrong);
-    2. the adversarial images, captioned with the prediction on them;
-    3. the perturbations δ = x_adv − x as ``0.5 + perturbation_scale · δ`` clamped to [0, 1] (grey: no change),
-       captioned with max |δ|; by default the scale maps [−ε, ε] onto [0, 1].
-
-    Each image is enlarged by a whole factor (nearest neighbour, 28×28 → 84×84) so that it can be seen. With a
-    ``TensorBoardLogger`` the grid goes to ``logger.experiment.add_image("adversarial_examples", ...)`` at the
-    global step; otherwise (``CSVLogger``, other loggers, no logger) it is written as
-    ``adversarial_examples/epoch=NNN.png`` in the logger's folder (``trainer.default_root_dir`` without a logger),
-    and :attr:`last_path` holds the last file written. :attr:`last_examples` holds the tensors of the last grid
-    (``clean``, ``adversarial``, ``perturbation`` as drawn, ``labels``, ``clean_predictions``,
-    ``adversarial_predictions``) and :attr:`tile_boxes` the pixel box ``(left, upper, right, lower)`` of each
-    image in it, by row and column.
-
-    Under DDP only the global-zero process attacks and writes, on its own copy of the images, with no collective
-    operation, so the other processes never wait for it. (Strategies whose forward pass is itself collective, such
-    as FSDP or DeepSpeed stage 3, are not supported.)
+    ones every time, are attacked with ``attack`` in eval mode, its random start seeded with ``seed`` each time. The
+    grid's rows: the clean images (captioned with the label and the prediction, green if right, red if wrong), the
+    adversarial images (with the prediction) and ``0.5 + perturbation_scale · δ`` (grey: no change; with max |δ|),
+    each image enlarged by a whole factor. With a ``TensorBoardLogger`` it goes to ``add_image("adversarial_examples",
+    ...)``; otherwise it is written as ``adversarial_examples/epoch=NNN.png`` in the logger's folder
+    (:attr:`last_path`). :attr:`last_examples` holds the tensors drawn and :attr:`tile_boxes` each image's pixel box
+    ``(left, upper, right, lower)`` by row and column. Under DDP only the global-zero process attacks and draws,
+    without collectives (strategies with a collective forward pass, FSDP or DeepSpeed stage 3, are not supported).
 
     Args:
         every_n_epochs: log at the end of every n-th validation epoch of ``fit``.
@@ -105,18 +93,8 @@ class AdversarialExamplesLogger(Callback):
     ) -> None:
         self.every_n_epochs = check_int(every_n_epochs, "every_n_epochs", minimum=1)
         self.num_images = check_int(num_images, "num_images", minimum=1)
-        if attack is None:
-            attack = AttackSpec(steps=20)
-        if not isinstance(attack, AttackSpec):
-            raise TypeError(
-                f"attack must be a freeadv_pl.AttackSpec such as AttackSpec(steps=20), got {type(attack).__name__}"
-            )
-        if attack.steps < 1:
-            raise ValueError(
-                "attack must have steps ≥ 1: with steps=0 there is no perturbation to show. Use e.g. "
-                "AttackSpec(steps=20)."
-            )
-        self.attack = attack
+        attack = AttackSpec(steps=20) if attack is None else attack
+        self.attack = _shared.perturbing(attack, "no perturbation to show", "AttackSpec(steps=20)")
         self.epsilon = None if epsilon is None else as_pixel_fraction(epsilon, "epsilon")
         if perturbation_scale is not None and (
             isinstance(perturbation_scale, bool)
@@ -141,13 +119,9 @@ class AdversarialExamplesLogger(Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        if trainer.state.fn == "fit" and (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
-        if not trainer.is_global_zero:
-            return  # only rank zero draws, on its own data and without collectives: nobody waits for it
-        self._run(trainer, pl_module)
+        # Only rank zero draws, on its own data and without collectives: nobody waits for it.
+        if _shared.validation_due(trainer, self.every_n_epochs) and trainer.is_global_zero:
+            self._run(trainer, pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -158,28 +132,11 @@ class AdversarialExamplesLogger(Callback):
         last_path = state_dict.get("last_path")
         self.last_path = None if last_path is None else Path(last_path)
 
-    def _epsilon(self, pl_module: LightningModule) -> float:
-        if self.attack.epsilon is not None:
-            return as_pixel_fraction(self.attack.epsilon, "attack.epsilon")
-        if self.epsilon is not None:
-            return self.epsilon
-        epsilon = getattr(pl_module, "epsilon", None)
-        if epsilon is None:
-            raise ValueError(
-                f"AdversarialExamplesLogger needs an ε: {type(pl_module).__name__} has no `epsilon`. Set "
-                "AdversarialExamplesLogger(epsilon=...) (e.g. 8/255; in YAML: epsilon: 8/255)."
-            )
-        return float(epsilon)
-
     def _fixed_examples(self, trainer: Trainer) -> tuple[Tensor, Tensor]:
         """The first ``num_images`` examples of the first validation dataset, read once and kept."""
         if self._examples is None:
-            loaders = trainer.val_dataloaders
-            if isinstance(loaders, dict):
-                loaders = next(iter(loaders.values()))
-            if isinstance(loaders, (list, tuple)):
-                loaders = loaders[0]
-            dataset = loaders.dataset if isinstance(loaders, DataLoader) else None
+            loader = _shared.first_loader(trainer, "validate")
+            dataset = loader.dataset if isinstance(loader, DataLoader) else None
             if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
                 raise ValueError(
                     "AdversarialExamplesLogger takes its images from the validation DataLoader's dataset, which must "
@@ -197,7 +154,7 @@ class AdversarialExamplesLogger(Callback):
         return self._examples
 
     def _run(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        epsilon = self._epsilon(pl_module)
+        epsilon = self.attack.epsilon_for(_shared.epsilon(self, pl_module, [self.attack]))
         x, y = self._fixed_examples(trainer)
         x, y = x.to(pl_module.device), y.to(pl_module.device)
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)

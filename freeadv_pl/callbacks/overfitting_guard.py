@@ -4,47 +4,38 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
 from freeadv_pl._checks import as_pixel_fraction, check_choice, check_int
-from freeadv_pl._modes import temporary_mode
-from freeadv_pl.attacks import ModelMode, pgd
+from freeadv_pl.attacks import ModelMode
+from freeadv_pl.callbacks import _shared
+from freeadv_pl.evaluation import EXAMPLES, AttackSpec, _bind, _count
+
+_IN_CHECKPOINT = "the checkpoint's own weights"  # saved instead of a copy when the best weights are the module's
+PGD5 = AttackSpec(steps=5)  # the reference code's check: PGD-5, step ε/4
 
 
 class CatastrophicOverfittingGuard(Callback):
-    """Watches PGD accuracy on a fixed training batch every epoch; when it falls by more than ``threshold`` below its
-    best, stops the training and restores the weights of the best epoch.
+    """Watches the accuracy under ``attack`` of a fixed training batch every epoch; when it falls by more than
+    ``threshold`` below its best, stops the training and restores the weights of the best epoch.
 
-    Catastrophic overfitting (Wong et al., ICLR 2020): single-step adversarial training (FGSM, FGSM-RS with large
-    steps, Free-m with too large ε_step) can suddenly learn to resist its own one-step attack while PGD accuracy
-    falls to near zero within an epoch. The reference code's ``--early-stop`` detects it with a 5-step PGD on the
-    first training batch after each epoch; this callback does the same for any module of the package (any
-    ``LightningModule`` whose ``forward`` takes images in [0, 1]).
-
-    At the end of every training epoch: PGD (``steps`` steps of ``step_size``, ``restarts`` random starts drawn from
-    a generator seeded with ``seed``, so each check faces the same starts) on the first ``num_samples`` images of the
-    first training batch this callback saw, with the model in ``model_mode`` (restored afterwards). It logs
-    ``guard/robust_acc`` and ``guard/best_robust_acc``. While the accuracy improves, a copy of the module's weights
-    (``state_dict``, on the CPU) is kept. On a drop of more than ``threshold`` below the best: a message names the
-    epoch and the figures, the best weights are loaded back into the module (``restore_best``), and
-    ``trainer.should_stop`` is set (Lightning honours ``min_epochs`` first). The optimizer state and Free-m's δ are
-    not rewound. Checkpoints written after the check (``ModelCheckpoint`` at the end of the epoch) hold the
-    restored weights.
-
-    Under DDP each process checks its own first batch and the correct counts are summed over the processes, so
-    every process takes the same decision. The kept weights and figures are in ``state_dict`` and survive a resume;
-    after a resume the fixed batch is the first batch seen after it.
+    Catastrophic overfitting (Wong et al., ICLR 2020): single-step adversarial training can suddenly resist its own
+    attack while PGD accuracy falls to near zero. Like the reference code's ``--early-stop``, after every training
+    epoch the guard attacks the first ``num_samples`` images of the first training batch it saw (the same seeded
+    starts each time) in ``model_mode`` and logs ``guard/robust_acc`` and ``guard/best_robust_acc``; each new best
+    is copied to the CPU. On a drop of more than ``threshold`` it names the epoch, attack and figures, loads the best
+    weights back (``restore_best``; not the optimizer state or Free-m's δ) and sets ``trainer.should_stop``. Under
+    DDP the counts are summed over the processes. Its state survives a resume; a checkpoint holds at most one extra
+    copy of the weights, only when the best epoch is older than the checkpoint.
 
     Args:
-        threshold: the drop of PGD accuracy (a fraction, 0.2 = 20 points) below the best that triggers the guard.
-        epsilon: the L∞ radius of the attack in pixel units; None takes the module's ``epsilon``.
-        steps: PGD steps (5 in the reference code).
-        step_size: PGD step in pixel units; None means ε/4 (2/255 at ε = 8/255, as the reference code).
-        restarts: PGD random starts.
+        attack: the attack (:class:`~freeadv_pl.evaluation.AttackSpec` with ``steps`` ≥ 1); by default the
+            reference code's PGD-5 with step ε/4.
+        threshold: the drop of accuracy (a fraction, 0.2 = 20 points) below the best that triggers the guard.
+        epsilon: the L∞ radius in pixel units; None takes the module's ``epsilon``. One set in ``attack`` wins.
         num_samples: how many images of the first training batch to attack; None means all of them.
         restore_best: load the best weights back into the module when the guard fires.
         model_mode: the model's mode during the check, ``"eval"`` or ``"train"`` (the reference code's, which
@@ -52,26 +43,27 @@ class CatastrophicOverfittingGuard(Callback):
         seed: seed of the random starts.
 
     Raises:
-        ValueError: on a ``threshold`` outside (0, 1], ``steps`` or ``restarts`` < 1, ``num_samples`` < 1, an unknown
+        ValueError: on a ``threshold`` outside (0, 1], an attack with 0 steps, ``num_samples`` < 1, an unknown
             ``model_mode``, or (at fit start) no ``epsilon`` given to a module that has none.
+        TypeError: when ``attack`` is not an ``AttackSpec``.
 
     Example:
-        In Python, ``Trainer(callbacks=[CatastrophicOverfittingGuard(threshold=0.2)])``; in a config::
+        In Python, ``Trainer(callbacks=[CatastrophicOverfittingGuard(AttackSpec(steps=10), threshold=0.2)])``; in
+        a config::
 
             trainer:
               callbacks:
                 - class_path: freeadv_pl.CatastrophicOverfittingGuard
                   init_args:
+                    attack: {steps: 5, step_size: 2/255}
                     threshold: 0.2
     """
 
     def __init__(
         self,
+        attack: AttackSpec = PGD5,
         threshold: float = 0.2,
         epsilon: float | str | None = None,
-        steps: int = 5,
-        step_size: float | str | None = None,
-        restarts: int = 1,
         num_samples: int | None = None,
         restore_best: bool = True,
         model_mode: ModelMode = "eval",
@@ -79,26 +71,32 @@ class CatastrophicOverfittingGuard(Callback):
     ) -> None:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
             raise ValueError(f"threshold must be a fraction in (0, 1] (0.2 = 20 points of accuracy), got {threshold!r}")
+        self.attack = _shared.perturbing(attack, "no attack to watch", "AttackSpec(steps=5)")
         self.threshold = float(threshold)
         self.epsilon = None if epsilon is None else as_pixel_fraction(epsilon, "epsilon")
-        self.steps = check_int(steps, "steps", minimum=1)
-        self.step_size = None if step_size is None else as_pixel_fraction(step_size, "step_size", allow_zero=False)
-        self.restarts = check_int(restarts, "restarts", minimum=1)
         self.num_samples = None if num_samples is None else check_int(num_samples, "num_samples", minimum=1)
         self.restore_best = restore_best
         self.model_mode = check_choice(model_mode, "model_mode", ("eval", "train"))
         self.seed = seed
         self.best_accuracy: float | None = None
         self.best_epoch: int | None = None
+        self.best_step: int | None = None  # trainer.global_step of the best weights
         self.fired_epoch: int | None = None
         self.history: list[float] = []
         self._best_state: dict[str, Tensor] | None = None
         self._batch: tuple[Tensor, Tensor] | None = None
+        self._trainer: Trainer | None = None
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._trainer = trainer
         if stage == "fit":
-            self._attack_epsilon(pl_module)  # fail before training, not after the first epoch
+            _shared.epsilon(self, pl_module, [self.attack])  # fail before training, not after the first epoch
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._best_state == _IN_CHECKPOINT:  # resumed: the module's weights, just loaded, are the best
+            self._best_state = _copy(pl_module)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -114,61 +112,27 @@ class CatastrophicOverfittingGuard(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "best_accuracy": self.best_accuracy,
-            "best_epoch": self.best_epoch,
-            "fired_epoch": self.fired_epoch,
-            "history": list(self.history),
-            "best_state": self._best_state,
-        }
+        unmoved = self._trainer is not None and self._trainer.global_step == self.best_step
+        state = {key: getattr(self, key) for key in ("best_accuracy", "best_epoch", "best_step", "fired_epoch")}
+        return state | {"history": list(self.history), "best_state": _IN_CHECKPOINT if unmoved else self._best_state}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.best_accuracy = state_dict["best_accuracy"]
-        self.best_epoch = state_dict["best_epoch"]
-        self.fired_epoch = state_dict["fired_epoch"]
+        for key in ("best_accuracy", "best_epoch", "best_step", "fired_epoch"):
+            setattr(self, key, state_dict.get(key))
         self.history = list(state_dict["history"])
         self._best_state = state_dict["best_state"]
 
-    def _attack_epsilon(self, pl_module: LightningModule) -> float:
-        if self.epsilon is not None:
-            return self.epsilon
-        epsilon = getattr(pl_module, "epsilon", None)
-        if epsilon is None:
-            raise ValueError(
-                f"{type(pl_module).__name__} has no `epsilon`: give CatastrophicOverfittingGuard(epsilon=...) "
-                "the radius of the attack to watch, e.g. 8/255"
-            )
-        return epsilon
-
-    def _robust_accuracy(self, trainer: Trainer, pl_module: LightningModule) -> float:
-        epsilon = self._attack_epsilon(pl_module)
-        x, y = (tensor.to(pl_module.device) for tensor in self._batch)
-        generator = torch.Generator(device=x.device).manual_seed(self.seed)
-        x_adv = pgd(
-            pl_module,
-            x,
-            y,
-            epsilon=epsilon,
-            step_size=epsilon / 4 if self.step_size is None else self.step_size,
-            steps=self.steps,
-            restarts=self.restarts,
-            model_mode=self.model_mode,
-            generator=generator,
-        )
-        with torch.no_grad(), temporary_mode(pl_module, self.model_mode == "train"):
-            correct = (pl_module(x_adv).argmax(dim=1) == y).sum()
-        counts = torch.stack([correct, torch.tensor(y.shape[0], device=y.device)]).float()
-        counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        return float(counts[0] / counts[1])
-
     def _run_check(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        accuracy = self._robust_accuracy(trainer, pl_module)
-        epoch = trainer.current_epoch
+        epsilon = _shared.epsilon(self, pl_module, [self.attack])
+        attacks = _bind([self.attack], pl_module, epsilon, model_mode=self.model_mode)
+        counts = _count(pl_module, [self._batch], attacks, seed=self.seed, training=self.model_mode == "train")
+        correct, total = _shared.summed(trainer, pl_module.device, [counts[self.attack.key], counts[EXAMPLES]])
+        accuracy, epoch = float(correct / total), trainer.current_epoch
         self.history.append(accuracy)
         if self.best_accuracy is None or accuracy > self.best_accuracy:
-            self.best_accuracy, self.best_epoch = accuracy, epoch
-            self._best_state = {key: value.detach().cpu().clone() for key, value in pl_module.state_dict().items()}
+            self.best_accuracy, self.best_epoch, self.best_step = accuracy, epoch, trainer.global_step
+            self._best_state = _copy(pl_module)
         pl_module.log("guard/robust_acc", accuracy)
         pl_module.log("guard/best_robust_acc", self.best_accuracy)
         if self.best_accuracy - accuracy <= self.threshold:
@@ -176,10 +140,16 @@ class CatastrophicOverfittingGuard(Callback):
         self.fired_epoch = epoch
         action = f"restoring the weights of epoch {self.best_epoch}" if self.restore_best else "keeping the weights"
         rank_zero_info(
-            f"CatastrophicOverfittingGuard: catastrophic overfitting at epoch {epoch}: PGD-{self.steps} accuracy on "
-            f"the fixed training batch fell to {accuracy:.2%} from its best {self.best_accuracy:.2%} "
-            f"(epoch {self.best_epoch}), a drop of more than {self.threshold:.0%}. Stopping the training and {action}."
+            f"CatastrophicOverfittingGuard: catastrophic overfitting at epoch {epoch}: {self.attack.title} accuracy "
+            f"({self.attack.describe(epsilon)}) on the fixed training batch fell to {accuracy:.2%} from its best "
+            f"{self.best_accuracy:.2%} (epoch {self.best_epoch}), a drop of more than {self.threshold:.0%}. Stopping "
+            f"the training and {action}."
         )
         if self.restore_best:
             pl_module.load_state_dict(self._best_state)
+            self.best_step = trainer.global_step  # the module's weights are the best again
         trainer.should_stop = True
+
+
+def _copy(pl_module: LightningModule) -> dict[str, Tensor]:
+    return {key: value.detach().cpu().clone() for key, value in pl_module.state_dict().items()}

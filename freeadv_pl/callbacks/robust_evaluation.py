@@ -14,70 +14,36 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
-from torchmetrics.aggregation import SumMetric
 from typing_extensions import override
 
 from freeadv_pl._checks import as_pixel_fraction, check_int
-from freeadv_pl._modes import temporary_mode
 from freeadv_pl.autoattack import AutoAttackSpec
-from freeadv_pl.evaluation import ATTACK_PRESETS, AttackSpec, SuiteAttack
+from freeadv_pl.callbacks import _shared
+from freeadv_pl.evaluation import EXAMPLES, WORST, AttackSpec, SuiteAttack, _bind, _count, _suite
 
 _PREFIX = {"validate": "val", "test": "test"}
-WORST = "worst"
 MASKING_GAP = 0.05  # AutoAttack this far below PGD-20 on the same examples: PGD's gradients mislead it
-
-
-def _suite(attacks: str | Sequence[SuiteAttack], name: str) -> tuple[SuiteAttack, ...]:
-    if isinstance(attacks, str):
-        if attacks not in ATTACK_PRESETS:
-            raise ValueError(f"{name}={attacks!r} is not a preset: use one of {', '.join(ATTACK_PRESETS)} or a list")
-        suite = ATTACK_PRESETS[attacks]
-    else:
-        suite = tuple(attacks)
-        if not suite or not all(isinstance(attack, (AttackSpec, AutoAttackSpec)) for attack in suite):
-            raise ValueError(
-                f"{name} must be a preset name or a non-empty list of AttackSpec/AutoAttackSpec, got {attacks!r}"
-            )
-        keys = [attack.key for attack in suite]
-        if len(set(keys)) != len(keys) or WORST in keys:
-            raise ValueError(
-                f"{name} has attacks with the same name, or one named {WORST!r} (the worst-case column's): {keys}. "
-                "Give them distinct `name`s."
-            )
-    if any(isinstance(attack, AutoAttackSpec) for attack in suite):
-        AutoAttackSpec.ensure_available()  # before training, not at its end
-    return suite
 
 
 class RobustEvaluation(Callback):
     """Accuracy under a suite of L∞ attacks on a fixed, seeded subset, at the end of validation and test epochs.
 
     Logs ``val/robust/<key>`` (``test/robust/<key>`` under ``trainer.test``) for each attack, e.g.
-    ``val/robust/natural`` (clean accuracy on the same subset) and ``val/robust/pgd20``, and ``val/robust/worst``:
-    the per-example worst case over the suite (an example counts only if every column, natural included, classifies
-    it correctly). Each is usable as ``monitor`` in ``ModelCheckpoint`` or ``EarlyStopping``. The attacks run in
-    the model's eval mode (restored afterwards), under ``torch.inference_mode(False)`` and ``torch.enable_grad()``,
-    so they work inside ``fit`` and under ``trainer.validate``/``trainer.test``; the sanity check is skipped. After
-    ``trainer.test`` the results are printed as a table in the paper's layout and written to
+    ``val/robust/natural`` and ``val/robust/pgd20``, and ``val/robust/worst``, the per-example worst case over the
+    suite; each is usable as ``monitor`` in ``ModelCheckpoint`` or ``EarlyStopping``. The numbers are those of
+    :func:`~freeadv_pl.evaluation.robust_accuracy` on the subset's batches (batch ``b``'s random starts seeded with
+    ``seed + b``); under DDP each process takes every world_size-th batch and the counts are summed, so every process
+    logs the one-process figure. It works inside ``fit`` and under ``trainer.validate``/``trainer.test``; the sanity
+    check is skipped. After ``trainer.test`` the results are printed as a table in the paper's layout and written to
     ``robust_accuracy.json`` and ``.csv`` in the logger's folder.
 
-    The subset is cut into batches in a fixed order; batch ``b``'s random starts come from a generator seeded with
-    ``seed + b``, the same for every attack of the suite and every evaluation: successive epochs face the same
-    starts, and a multi-restart attack's first restart is the single-restart attack's start, so it is never weaker.
-    Under DDP each process takes every world_size-th batch and the counts are summed over the processes, so every
-    process logs the figure a single process gets, with the same batches and the same starts.
-
-    Warnings, from the first batch: outputs that look like probabilities, and inputs with zero gradient. After a
-    suite with PGD-20 and AutoAttack: AutoAttack's accuracy more than 5 points below PGD-20's on the same examples,
-    the sign that PGD's gradients are masked.
+    Warnings: on the first batch, outputs that look like probabilities and inputs with zero gradient; after a suite
+    with PGD-20 and AutoAttack, AutoAttack more than 5 points below PGD-20 (the sign of masked gradients).
 
     Args:
-        attacks: the validation suite: a preset name or a list of :class:`AttackSpec`/:class:`AutoAttackSpec`.
-            Presets: ``"pgd20"``: natural + PGD-20 with step ε/4; ``"cifar"``: the paper's natural, PGD-20,
-            PGD-100, CW-100, 10-restart PGD-20 with step 2/255; ``"imagenet"``: natural, PGD-10, PGD-50, PGD-100
-            with step 1/255; ``"autoattack"``: natural, PGD-20 (step ε/4) and AutoAttack's standard version;
-            ``"apgd"``: natural and APGD-CE then APGD-DLR (the last two need ``pip install
-            "freeadv_pl[autoattack]"``).
+        attacks: the validation suite: a list of :class:`AttackSpec`/:class:`AutoAttackSpec` or the name of one of
+            :data:`~freeadv_pl.evaluation.ATTACK_PRESETS`: ``"pgd20"``, ``"cifar"``, ``"imagenet"``, ``"autoattack"``
+            or ``"apgd"`` (the last two need ``pip install "freeadv_pl[autoattack]"``).
         epsilon: the L∞ radius (a float or ``"8/255"``); None takes the training module's ``epsilon`` (required
             when the module has none, e.g. ``NaturalModule``).
         num_samples: size of the validation subset (seeded; None: the whole validation set).
@@ -90,8 +56,8 @@ class RobustEvaluation(Callback):
             and so the attack: off by default, and not for reported numbers.
 
     Raises:
-        ValueError: on an unknown preset, an empty or duplicated suite (or an attack named ``worst``), a size < 1,
-            or (at the first evaluation) when no ε is given and the module has none.
+        ValueError: on an unknown preset, an empty or duplicated suite (or an attack named ``worst`` or
+            ``examples``), a size < 1, or (at the first evaluation) when no ε is given and the module has none.
         ModuleNotFoundError: on an AutoAttack suite without torchattacks.
 
     Example:
@@ -127,20 +93,9 @@ class RobustEvaluation(Callback):
         self._checked = False
 
     @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        # Counters are made here, not in __init__, so that spawned processes do not share them (docs/design.md,
-        # "Distributed evaluation and metrics").
-        keys = {attack.key for attack in (*self.attacks, *self.test_attacks)} | {WORST}
-        self._correct = {key: SumMetric() for key in keys}
-        self._total = SumMetric()
-
-    @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        if trainer.state.fn == "fit" and (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
-        self._run(trainer, pl_module, "validate")
+        if _shared.validation_due(trainer, self.every_n_epochs):
+            self._run(trainer, pl_module, "validate")
 
     @override
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -156,25 +111,10 @@ class RobustEvaluation(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.results = dict(state_dict.get("results", {}))
 
-    def _epsilon(self, pl_module: LightningModule) -> float:
-        if self.epsilon is not None:
-            return self.epsilon
-        epsilon = getattr(pl_module, "epsilon", None)
-        if epsilon is None:
-            raise ValueError(
-                f"RobustEvaluation needs an ε: {type(pl_module).__name__} has no `epsilon`. Set "
-                "RobustEvaluation(epsilon=...) (e.g. 8/255; in YAML: epsilon: 8/255)."
-            )
-        return float(epsilon)
-
     def _batches(self, trainer: Trainer, stage: str) -> tuple[list[int], DataLoader]:
         """This process's batch numbers and a loader of its batches: the seeded subset in batches, every
         world_size-th batch to each process (docs/design.md, "Distributed evaluation and metrics")."""
-        loaders = trainer.val_dataloaders if stage == "validate" else trainer.test_dataloaders
-        if isinstance(loaders, dict):
-            loaders = next(iter(loaders.values()))
-        if isinstance(loaders, (list, tuple)):
-            loaders = loaders[0]  # the first validation/test dataloader
+        loaders = _shared.first_loader(trainer, stage)
         dataset = loaders.dataset
         size = self.num_samples if stage == "validate" else self.test_num_samples
         size = len(dataset) if size is None else min(size, len(dataset))
@@ -193,45 +133,29 @@ class RobustEvaluation(Callback):
 
     def _run(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         suite = self.attacks if stage == "validate" else self.test_attacks
-        epsilon = self._epsilon(pl_module) if any(attack.steps for attack in suite) else 0.0
+        epsilon = _shared.epsilon(self, pl_module, suite)
         if pl_module.training:
             rank_zero_warn(
                 "RobustEvaluation found the model in train mode during evaluation (something switched it back); "
                 "the attacks run it in eval mode."
             )
-        device = pl_module.device
-        generator = torch.Generator(device=device).manual_seed(self.seed)
-        zero = torch.zeros((), device=device)
-        for metric in (*self._correct.values(), self._total):
-            metric.to(device).reset()
-            metric.update(zero)  # a process with no example still takes part in the sum
         numbers, loader = self._batches(trainer, stage)
-        with temporary_mode(pl_module, training=False):
-            for number, (x, y) in zip(numbers, loader, strict=True):
-                x, y = x.to(device), y.to(device)
-                if not self._checked:
-                    self._sanity_checks(pl_module, x, y)
-                unbroken = torch.ones_like(y, dtype=torch.bool)
-                for attack in suite:
-                    # Every attack starts from the same random draws on a batch: a multi-restart attack's first
-                    # restart is the single-restart attack, so it is never weaker.
-                    generator.manual_seed(self.seed + number)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                        x_adv = attack(pl_module, x, y, epsilon, generator)
-                        with torch.no_grad():
-                            correct = pl_module(x_adv).argmax(dim=1) == y
-                    unbroken &= correct
-                    self._correct[attack.key].update(correct.sum().float())
-                self._correct[WORST].update(unbroken.sum().float())
-                self._total.update(torch.tensor(float(len(y)), device=device))
-        total = self._total.compute()  # summed over the processes
-        prefix = _PREFIX[stage]
+        counts = _count(
+            pl_module,
+            loader,
+            _bind(suite, pl_module, epsilon),
+            seed=self.seed,
+            numbers=numbers,
+            bf16=self.bf16,
+            inspect=None if self._checked else self._sanity_checks,
+        )
+        keys = [*(attack.key for attack in suite), WORST]
+        summed = _shared.summed(trainer, pl_module.device, [counts[key] for key in (*keys, EXAMPLES)])
         results = {}
-        for key in (*(attack.key for attack in suite), WORST):
-            accuracy = self._correct[key].compute() / total
+        for key, accuracy in zip(keys, summed[:-1] / summed[-1], strict=True):
             results[key] = float(accuracy)
-            pl_module.log(f"{prefix}/robust/{key}", accuracy, prog_bar=key not in ("natural", WORST), sync_dist=False)
-        self.results[stage] = results | {"examples": int(total), "epsilon": epsilon}
+            pl_module.log(f"{_PREFIX[stage]}/robust/{key}", accuracy, prog_bar=key not in ("natural", WORST))
+        self.results[stage] = results | {EXAMPLES: int(summed[-1]), "epsilon": epsilon}
         self._check_masking(suite, results)
 
     def _check_masking(self, suite: Sequence[SuiteAttack], results: dict[str, float]) -> None:
@@ -250,7 +174,7 @@ class RobustEvaluation(Callback):
                     "gradients, so PGD numbers overstate its robustness. Report AutoAttack's."
                 )
 
-    def _sanity_checks(self, model: torch.nn.Module, x: Tensor, y: Tensor) -> None:
+    def _sanity_checks(self, model: LightningModule, x: Tensor, y: Tensor) -> None:
         """AutoAttack-style checks on the first batch: probabilities as outputs, zero input gradients."""
         self._checked = True
         with torch.inference_mode(False), torch.enable_grad():
@@ -272,25 +196,12 @@ class RobustEvaluation(Callback):
         result = self.results["test"]
         epsilon = result["epsilon"]
         classes = getattr(pl_module, "num_classes", 10)
+        columns = [(attack.title, attack.key, attack.describe(epsilon, classes)) for attack in self.test_attacks]
+        worst = "per example, the worst of the columns: correct only if correct under every one"
         rows = [
-            {
-                "attack": attack.title,
-                "key": attack.key,
-                "accuracy": result[attack.key],
-                "description": (
-                    attack.describe(epsilon, classes) if isinstance(attack, AutoAttackSpec) else attack.describe(epsilon)
-                ),
-            }
-            for attack in self.test_attacks
+            {"attack": title, "key": key, "accuracy": result[key], "description": description}
+            for title, key, description in [*columns, ("worst case", WORST, worst)]
         ]
-        rows.append(
-            {
-                "attack": "worst case",
-                "key": WORST,
-                "accuracy": result[WORST],
-                "description": "per example, the worst of the columns: correct only if correct under every one",
-            }
-        )
         header = "| " + " | ".join(row["attack"] for row in rows) + " |"
         lines = [
             f"Accuracy (%) of {type(pl_module).__name__} on {result['examples']:,} test images:",

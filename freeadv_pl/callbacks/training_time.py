@@ -15,17 +15,14 @@ class TrainingTime(Callback):
     """Measure what a ``fit`` cost: wall time (training alone and with validation), optimizer steps, minibatches and
     forward/backward passes, logged at every training epoch's end and printed, with a summary, when ``fit`` ends.
 
-    A forward/backward pass is the paper's unit of cost: a natural step is one, a Free-m minibatch m (one per
-    replay), a K-PGD minibatch K + 1 and an FGSM-RS minibatch 2 (the module's ``passes_per_batch``). Training time
-    counts from the first training batch of ``fit`` to its end, without validation (the sanity check included) and
-    without the time before the loop starts (data set-up, model transfer). On CUDA the device is synchronised
-    before each clock reading at epoch boundaries, so queued kernels are counted where they belong; nothing is
-    synchronised per batch.
+    A forward/backward pass is the paper's unit of cost: a natural step is one, a Free-m minibatch m, a K-PGD
+    minibatch K + 1 and an FGSM-RS minibatch 2 (the module's ``passes_per_batch``). Training time runs from the first
+    training batch of ``fit`` to its end, without validation (sanity check included) or the set-up before the loop;
+    on CUDA the clock is read after a device synchronisation, at epoch boundaries only.
 
     Logged per training epoch: ``time/train_minutes`` and ``time/passes`` (running totals). :attr:`summary` holds
-    the totals after ``fit``: ``fit_minutes``, ``train_minutes``, ``validation_minutes``, ``optimizer_steps``,
-    ``batches``, ``passes``, ``passes_per_batch``, ``world_size`` (the numbers are per process; under DDP every
-    process does the same work on its share of the data).
+    the totals after ``fit``, per process: ``fit_minutes``, ``train_minutes``, ``validation_minutes``,
+    ``optimizer_steps``, ``batches``, ``passes``, ``passes_per_batch``, ``world_size``.
 
     Example:
         >>> callback = TrainingTime()
