@@ -5,6 +5,7 @@ from freeadv_pl.autoattack import AutoAttackSpec
 from freeadv_pl.callbacks import (
     AdversarialExamplesLogger,
     CatastrophicOverfittingGuard,
+    PreemptionCheckpoint,
     RobustEvaluation,
     TrainingTime,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "InputNormalization",
     "NaturalModule",
     "PGDAdversarialModule",
+    "PreemptionCheckpoint",
     "PreActResNet18",
     "RobustEvaluation",
     "SmallCNN",

@@ -21,8 +21,7 @@ from torch import nn
 from torch.optim.lr_scheduler import StepLR
 from torch.utils.data import TensorDataset
 
-from freeadv_pl import FastAdversarialModule, FreeAdversarialModule, VisionDataModule
-from freeadv_pl.callbacks.preemption import PreemptionCheckpoint
+from freeadv_pl import FastAdversarialModule, FreeAdversarialModule, PreemptionCheckpoint, VisionDataModule
 
 EPOCHS, IMAGES, BATCH = 3, 40, 8  # 5 batches per epoch (per process under 2-process DDP: 3, the last of 4)
 

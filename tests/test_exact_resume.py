@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from resume_run import TinyData
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 SCRIPT = Path(__file__).resolve().parent / "resume_run.py"
 STEPS_PER_EPOCH = {1: 10, 2: 6}  # Free-2 on 40 images in batches of 8: 5 batches (3 per process under 2-process DDP)
@@ -120,3 +122,33 @@ def test_a_checkpoint_from_before_exact_resume_loads_with_a_warning(uninterrupte
     result = run(tmp_path / "resumed", "free", "--resume", str(old))
     assert result.returncode == 0, result.stderr[-4000:]
     assert "written by an older freeadv_pl" in " ".join(result.stderr.split())
+
+
+def epoch_order(seed: int, epoch: int, **kwargs) -> list[int]:
+    data = TinyData(batch_size=8, val_size=0, seed=seed, **kwargs)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    if data.seeded_order:
+        loader.sampler.set_epoch(epoch)
+    return [int(i) for x, y in loader for i in (x.flatten(1)[:, 0] * 1e6).long()]  # each image's first pixel
+
+
+def test_the_training_order_is_a_function_of_the_seed_and_the_epoch_not_of_the_global_rng():
+    torch.manual_seed(1)
+    first = epoch_order(seed=0, epoch=1)
+    torch.manual_seed(2)
+    assert epoch_order(seed=0, epoch=1) == first
+    assert sorted(first) == sorted(epoch_order(seed=0, epoch=2)) and first != epoch_order(seed=0, epoch=2)
+    assert first != epoch_order(seed=1, epoch=1)
+    data = TinyData(batch_size=8, val_size=0)
+    data.setup("fit")
+    assert isinstance(data.train_dataloader(), StatefulDataLoader)
+
+
+def test_seeded_order_false_shuffles_with_the_global_rng_in_a_stateful_loader():
+    torch.manual_seed(1)
+    first = epoch_order(seed=0, epoch=0, seeded_order=False)
+    torch.manual_seed(1)
+    assert epoch_order(seed=0, epoch=3, seeded_order=False) == first  # no epoch in it: the global RNG alone
+    torch.manual_seed(2)
+    assert epoch_order(seed=0, epoch=0, seeded_order=False) != first

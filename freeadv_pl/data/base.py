@@ -222,7 +222,8 @@ class VisionDataModule(LightningDataModule):
             settings["sampler"] = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=self.seed)
         else:
             settings["shuffle"] = True
-        loader = _TrainingLoader(dataset, self._per_process(self.batch_size, "batch_size"), self.drop_last, **settings)
+        batch_size = self._per_process(self.batch_size, "batch_size")
+        loader = _TrainingLoader(dataset, batch_size, drop_last=self.drop_last, **settings)
         if self.trainer is not None and hasattr(self.trainer, "fit_loop"):
             epoch, loader.fresh_epoch = epoch_to_run(self.trainer)
             if self.seeded_order:  # before the first iterator, which a resumed fit makes before calling set_epoch
