@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import accuracy_vs_time  # benchmarks/ is a folder of scripts, not a package
 import free_cifar10_run
 import lightning_overhead
+import loader_cost
 import paper_budget
 import step_cost
 
@@ -27,6 +28,13 @@ def test_step_cost_runs_on_a_tiny_size(tmp_path):
     saved = json.loads((tmp_path / "step_cost.json").read_text())
     assert saved["machine"]["arguments"]["batch_size"] == 4 and len(saved["rows"]) == 5
     assert "| Free-2 | 2 |" in (tmp_path / "step_cost.md").read_text()
+
+
+def test_loader_cost_runs_on_a_tiny_size(tmp_path):
+    rows = loader_cost.main(["--workers", "0", "--rounds", "1", "--train-size", "512", "--out", str(tmp_path / "lc")])
+    assert [row["loader"] for row in rows] == list(loader_cost.LOADERS)
+    assert rows[0]["ratio"] == 1.0 and all(row["us_per_batch"] > 0 and row["batches_timed"] == 3 for row in rows)
+    assert "| 0 | StatefulDataLoader + seeded order (default) |" in (tmp_path / "lc.md").read_text()
 
 
 def test_lightning_overhead_runs_on_a_tiny_size_and_both_loops_agree(tmp_path):

@@ -9,9 +9,16 @@ import torch
 import torch.nn.functional as F
 from conftest import quiet_trainer, tiny_cnn, tiny_loader
 from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from freeadv_pl._lightning_compat import cli_class_path, count_optimizer_step, should_update_logs
+from freeadv_pl._lightning_compat import (
+    cli_class_path,
+    count_optimizer_step,
+    epoch_to_run,
+    resumes_after_last_batch,
+    should_update_logs,
+)
 
 
 class StepsThreeTimesDirectly(LightningModule):
@@ -70,3 +77,51 @@ def test_cli_class_path_is_the_class_lightning_cli_records_in_the_hyperparameter
     assert isinstance(cli.model, NaturalModule)
     assert cli_class_path(cli.model.hparams) == "freeadv_pl.NaturalModule"
     assert cli_class_path(NaturalModule(torch.nn.Linear(2, 10), num_classes=10).hparams) is None
+
+
+class RecordsEpochs(LightningModule):
+    """Automatic optimization on a tiny net; records each fit's first (epoch, batch_idx), the epochs whose end ran, and
+    what ``epoch_to_run`` says when the training loader is built."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_cnn()
+        self.first: tuple[int, int] | None = None
+        self.ended: list[int] = []
+        self.to_run: tuple[int, bool] | None = None
+
+    def training_step(self, batch, batch_idx):
+        if self.first is None:
+            self.first = (self.current_epoch, batch_idx)
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    def on_train_epoch_end(self):
+        self.ended.append(self.current_epoch)
+
+    def train_dataloader(self):
+        self.to_run = epoch_to_run(self.trainer)
+        return tiny_loader(n=12)  # 3 batches per epoch
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_resumes_after_last_batch_is_lightnings_own_reading_of_a_checkpoint(tmp_path):
+    steps = ModelCheckpoint(tmp_path / "steps", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    epochs = ModelCheckpoint(tmp_path / "epochs", filename="{epoch}", save_top_k=-1, save_on_train_epoch_end=True)
+    first = RecordsEpochs()
+    quiet_trainer(max_epochs=2, enable_checkpointing=True, callbacks=[steps, epochs]).fit(first)
+    assert first.to_run == (0, False)
+    loops = {path.stem: torch.load(path, weights_only=True)["loops"]["fit_loop"] for path in tmp_path.rglob("*.ckpt")}
+    after_last = {name for name, loop in loops.items() if resumes_after_last_batch(loop)}
+    assert after_last == {"step=3", "step=6"}  # the last batch of each epoch, not the epoch ends "epoch=0", "epoch=1"
+
+    for checkpoint, expected_start, expected_to_run in [
+        ("steps/step=3.ckpt", (1, 0), (1, True)),  # Lightning starts epoch 1 and skips epoch 0's end
+        ("steps/step=2.ckpt", (0, 2), (0, False)),  # mid-epoch: the rest of epoch 0
+        ("epochs/epoch=0.ckpt", (1, 0), (1, False)),  # after epoch 0's end
+    ]:
+        resumed = RecordsEpochs()
+        quiet_trainer(max_epochs=2, enable_checkpointing=False).fit(resumed, ckpt_path=tmp_path / checkpoint)
+        assert resumed.first == expected_start and resumed.to_run == expected_to_run, checkpoint
+        assert resumed.ended == [1] if expected_start[0] == 1 else resumed.ended == [0, 1]
