@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from freeadv_pl._lightning_compat import cli_class_path
 from freeadv_pl.data.base import VisionDataModule
@@ -20,6 +21,9 @@ class FreeAdvCLI(LightningCLI):
 
     The data's ``num_classes``, ``mean`` and ``std`` are linked into the model, so each is given once (by the
     DataModule). Before ``fit``, Trainer settings that manual optimization cannot honour are rejected with the fix.
+    ``fit --ckpt_path last`` resumes the newest ``last*.ckpt`` under ``trainer.default_root_dir`` (the working folder
+    by default), in whichever logger version folder it is, and starts anew where there is none: one command both
+    starts and resumes a preemptible job.
 
     LightningCLI rebuilds the model from the hyperparameters of ``--ckpt_path``, class included, over the config's:
     a checkpoint of another module class (a ``NaturalModule`` checkpoint with a Free-m config) would silently train
@@ -39,6 +43,8 @@ class FreeAdvCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        if subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
+            self.config.fit.ckpt_path = _newest_last_checkpoint(self.config.fit.trainer.get("default_root_dir"))
         if subcommand:
             _check_checkpoint_class(self.config[subcommand])
 
@@ -69,6 +75,20 @@ def _check_checkpoint_class(config: Any) -> None:
             "of the run that wrote it (config.yaml in its log folder), or a checkpoint of a "
             f"{configured.rsplit('.', 1)[-1]} run."
         )
+
+
+def _newest_last_checkpoint(root: str | None) -> str | None:
+    """``fit --ckpt_path last``: the newest ``last*.ckpt`` under the run's root, whatever the logger's version folder
+    (Lightning's own "last" looks only in this run's ``ModelCheckpoint`` folder, a new version at every start)."""
+    found = sorted(Path(root or ".").rglob("last*.ckpt"), key=lambda path: path.stat().st_mtime)
+    if not found:
+        rank_zero_info(
+            f"--ckpt_path last: no last*.ckpt under {Path(root or '.').resolve()} yet; training starts anew."
+        )
+        return None
+    newest = found[-1].resolve()
+    rank_zero_info(f"--ckpt_path last: resuming from {newest}")
+    return str(newest)
 
 
 def _imported_class(class_path: str) -> type | None:

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dataset_files import write_fashion_mnist
 from resume_run import TinyData
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -152,3 +154,27 @@ def test_seeded_order_false_shuffles_with_the_global_rng_in_a_stateful_loader():
     assert epoch_order(seed=0, epoch=3, seeded_order=False) == first  # no epoch in it: the global RNG alone
     torch.manual_seed(2)
     assert epoch_order(seed=0, epoch=0, seeded_order=False) != first
+
+
+def test_the_command_line_stops_on_sigterm_and_resumes_with_ckpt_path_last(tmp_path):
+    write_fashion_mnist(tmp_path / "data", n_train=600, n_test=100)
+    configs = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist"
+    command = [sys.executable, "-m", "freeadv_pl", "fit", "--config", str(configs / "free.yaml")]
+    command += ["--config", str(configs / "quick.yaml"), "--data.init_args.data_dir", "data", "--ckpt_path", "last"]
+    command += ["--trainer.default_root_dir", "run", "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "8"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = ""
+    while "Epoch 1:" not in seen and process.poll() is None:  # the progress bar: epoch 0 is done
+        seen += process.stdout.read(64)
+    process.send_signal(signal.SIGTERM)
+    seen += process.stdout.read()
+    assert process.wait(timeout=300) == 128 + 15, seen[-4000:]
+    checkpoint = next((tmp_path / "run").rglob("last-preempted.ckpt"))
+    stopped_at = torch.load(checkpoint, weights_only=True)["global_step"]
+    assert 8 * 4 <= stopped_at < 3 * 8 * 4 and stopped_at % 4 == 0  # in epoch 1 or 2, after a whole batch of Free-4
+
+    resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"Restored all states from the checkpoint at {checkpoint.resolve()}" in resumed.stdout + resumed.stderr
+    final = max((tmp_path / "run").rglob("last.ckpt"), key=lambda path: path.stat().st_mtime)
+    assert torch.load(final, weights_only=True)["global_step"] == 3 * 8 * 4
