@@ -42,8 +42,7 @@ class AdversarialExamplesLogger(Callback):
     adversarial images (with the prediction) and ``0.5 + perturbation_scale · δ`` (grey: no change; with max |δ|),
     each image enlarged by a whole factor. With a ``TensorBoardLogger`` it goes to ``add_image("adversarial_examples",
     ...)``; otherwise it is written as ``adversarial_examples/epoch=NNN.png`` in the logger's folder
-    (:attr:`last_path`). :attr:`last_examples` holds the tensors drawn and :attr:`tile_boxes` each image's pixel box
-    ``(left, upper, right, lower)`` by row and column. Under DDP only the global-zero process attacks and draws,
+    (:attr:`last_path`; :attr:`last_examples` holds the tensors drawn). Under DDP only the global-zero process draws,
     without collectives (strategies with a collective forward pass, FSDP or DeepSpeed stage 3, are not supported).
 
     Args:
@@ -72,12 +71,8 @@ class AdversarialExamplesLogger(Callback):
 
             - class_path: freeadv_pl.AdversarialExamplesLogger
               init_args:
-                every_n_epochs: 1
-                num_images: 8
                 epsilon: 0.1              # or leave it out to use the module's epsilon
-                attack:                   # optional; PGD-20, step ε/4, by default
-                  steps: 10
-                  step_size: 0.025
+                attack: {steps: 10, step_size: 0.025}   # optional; PGD-20, step ε/4, by default
                 class_names: [T-shirt, Trouser, Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag, Boot]
     """
 

@@ -67,18 +67,14 @@ class VisionDataModule(LightningDataModule):
         batch_size_is_global: ``batch_size`` and ``eval_batch_size`` are totals over all the Trainer's processes
             (DDP): each of the ``world_size`` processes loads ``batch_size / world_size``, so a config keeps the
             same total batch (and learning rate) on any number of GPUs. False: they are per process.
-        return_index: training batches are ``(x, y, index)``, ``index`` each image's position in the training set
-            (``train_set``), as ``FreeAdversarialModule(delta_memory="example")`` needs. Augmentation that moves
-            pixels (a dataset's :meth:`batch_augmentation`) then runs on the batch's device in
-            ``on_after_batch_transfer`` and the batch is ``(x, y, index, crop_flip)``, ``crop_flip`` the
-            :class:`~freeadv_pl.data.augmentation.CropFlip` that maps a per-image perturbation into the augmented
-            images and back. It runs only when the Trainer is given the DataModule (``fit(datamodule=...)``).
-            Validation and test batches stay ``(x, y)``.
-        seeded_order: the training order of epoch e is a permutation drawn from ``(seed, e)``
-            (``DistributedSampler``'s, also in one process), so that a resumed run sees the uninterrupted run's
-            order; False: ``shuffle=True`` from the global RNG (and Lightning's sampler under DDP). The training
-            loader is a torchdata ``StatefulDataLoader`` either way, whose position Lightning keeps in checkpoints,
-            so a mid-epoch resume continues with the batches that were left.
+        return_index: training batches are ``(x, y, index)``, ``index`` each image's position in ``train_set``, as
+            ``FreeAdversarialModule(delta_memory="example")`` needs. A crop and flip (:meth:`batch_augmentation`)
+            then run on the batch's device, given ``fit(datamodule=...)``, and the batch is ``(x, y, index,
+            crop_flip)`` (docs/design.md, "Augmentation and the frame of δ"). Validation and test batches stay
+            ``(x, y)``.
+        seeded_order: the training order of epoch e is a permutation of ``(seed, e)`` (``DistributedSampler``'s, also
+            in one process), as exact resume needs (docs/design.md, "Exact resume"); False: ``shuffle=True`` from the
+            global RNG. The training loader is a torchdata ``StatefulDataLoader`` either way.
 
     Raises:
         ValueError: on a negative ``val_size``, a ``train_size``/``test_size`` < 1 or a batch size < 1; in

@@ -44,13 +44,8 @@ def graph_blocker(module: FreeAdversarialModule, base: type[LightningModule]) ->
 
 
 class ReplayGraph:
-    """One Free-m replay (forward, backward, the optimizer's step, δ's update and the loss's finiteness flag)
-    captured once and replayed m times per batch, with the batch copied into static buffers.
-
-    The learning rate becomes a device tensor in each parameter group (LR schedulers write into it), and the other
-    hyperparameters are held fixed by the capture: a scheduler that changes them (``OneCycleLR``'s
-    ``cycle_momentum``) raises. :meth:`fits` says whether a batch has the captured shape; others run eagerly.
-    """
+    """One Free-m replay captured once and replayed m times per batch, the batch copied into static buffers
+    (docs/design.md, "The replay in a CUDA graph"); :meth:`fits` says whether a batch has the captured shape."""
 
     def __init__(self, module: FreeAdversarialModule) -> None:
         self.module = module

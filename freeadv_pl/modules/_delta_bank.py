@@ -19,17 +19,9 @@ _SYNC_CHUNK_BYTES = 64 * 2**20  # the bank crosses between processes in pieces o
 
 
 class PerturbationBank:
-    """δ for every training image, ``(len(training set), *image)``, float32, in the frame of the un-augmented image.
-
-    Where it lives: ``location="device"`` keeps it on the training device (the GPU's memory, or the CPU's in a CPU
-    run); ``"cpu"`` keeps it in CPU memory (pinned when training on a GPU) and moves each batch's rows to the device
-    and back. :meth:`allocate` raises before training when it does not fit in the free memory of that place.
-
-    Under DDP each process updates the rows of the images it saw and marks them; :meth:`synchronise` (at each
-    epoch's end and before a checkpoint is built: a collective call) gives every process the same bank, each row
-    from the process that updated it (the mean, for an image that two processes saw in one epoch: the padding of
-    ``DistributedSampler``). Its cost: one all-reduce of the bank's size (plus a count per image) per epoch.
-    """
+    """δ for every training image, ``(len(training set), *image)``, float32, in the frame of the un-augmented image,
+    on the training device (``location="device"``) or in host memory (``"cpu"``); the same on every process after
+    :meth:`synchronise` (docs/design.md, "Where the bank lives, and whether it fits", and "DDP")."""
 
     def __init__(self, location: str) -> None:
         self.location = location

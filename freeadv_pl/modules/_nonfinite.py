@@ -14,9 +14,8 @@ from freeadv_pl._checks import check_choice
 
 
 class NonFiniteLosses:
-    """Keeps one device-side finiteness flag per optimizer step and acts on them: ``"raise"`` reads a batch's flags
-    at its end (one host synchronisation, one all-reduce under DDP); ``"skip"`` zeroes a non-finite weight gradient
-    before the update (where no loss scaler already skips such steps) and counts the steps, read once per epoch.
+    """One device-side finiteness flag per optimizer step, acted on as ``policy`` says (docs/design.md, "Non-finite
+    losses").
 
     Args:
         policy: ``"raise"`` or ``"skip"``.
@@ -30,7 +29,6 @@ class NonFiniteLosses:
         self._skipped: Tensor | int = 0  # on the device until the epoch's end
 
     def start(self, trainer: Trainer) -> None:
-        """At the start of fit: decide what the steps must do under this Trainer's precision."""
         scaled = getattr(trainer.precision_plugin, "scaler", None) is not None  # fp16's GradScaler
         self.zero_gradients = self.policy == "skip" and not scaled
         # With "raise" and no scaler a run stops at the batch's end, so no update can follow a non-finite step.
@@ -38,7 +36,6 @@ class NonFiniteLosses:
         self.flags, self._skipped = [], 0
 
     def record(self, finite: Tensor) -> None:
-        """Keep an optimizer step's flag (a 0-dim bool tensor on the device)."""
         self.flags.append(finite)
 
     def update_guard(self) -> Tensor | None:
@@ -56,11 +53,7 @@ class NonFiniteLosses:
                 grad.masked_fill_(nonfinite, 0.0)
 
     def end_batch(self, module: LightningModule, batch_idx: int) -> None:
-        """Count ("skip") or raise ("raise") on the batch's flags.
-
-        Raises:
-            FloatingPointError: with ``"raise"``, when a step's loss was not finite on any process.
-        """
+        """Count ("skip") or raise a ``FloatingPointError`` ("raise", when a step's loss was not finite anywhere)."""
         if not self.flags:
             return
         finite = torch.stack(self.flags)

@@ -11,14 +11,9 @@ _PER_STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimiz
 
 
 def direct_step_blocker(trainer: Trainer, module: LightningModule, base: type[LightningModule]) -> str | None:
-    """None when every optimizer step of ``module`` may run as ``loss.backward()`` and ``optimizer.step()`` on the
-    wrapped optimizer, which is what Lightning's ``manual_backward`` and ``LightningOptimizer.step`` reduce to here;
-    otherwise the reason why not.
-
-    That holds on one device (no gradient all-reduce), in a precision without a loss scaler (``32-true``,
-    ``bf16-mixed``), when no callback implements a per-step hook (``on_before_backward``, ``on_after_backward``,
-    ``on_before_optimizer_step``) and ``module`` overrides none of them, nor ``backward``, beyond ``base``.
-    """
+    """None when every optimizer step of ``module`` may run as plain ``loss.backward()`` and the wrapped optimizer's
+    ``step()``: one device, no loss scaler, and no per-step hook in a callback or in ``module`` beyond ``base``
+    (docs/design.md, "The direct optimizer step"); otherwise the reason why not."""
     strategy = type(trainer.strategy)
     if strategy is not SingleDeviceStrategy:
         return f"the {strategy.__name__} strategy takes part in every step (gradient synchronisation)"

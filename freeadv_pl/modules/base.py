@@ -176,16 +176,15 @@ class ClassifierModule(LightningModule):
                 f"give the backbone {declared} outputs."
             )
         mean, std = getattr(data, "mean", None), getattr(data, "std", None)
-        if mean is not None and std is not None:
-            if self.model.mean is None:
-                self.model.set_statistics(mean, std)
-                taken.update(mean=[float(v) for v in mean], std=[float(v) for v in std])
-            elif not _same_statistics(self.model, mean, std):
-                rank_zero_warn(
-                    f"the module normalizes with mean={self.model.mean.flatten().tolist()}, "
-                    f"std={self.model.std.flatten().tolist()} but {type(data).__name__} declares mean={list(mean)}, "
-                    f"std={list(std)}: the module's own are used. Leave mean and std out to take the data's."
-                )
+        if mean is not None and std is not None and self.model.mean is None:
+            self.model.set_statistics(mean, std)
+            taken.update(mean=[float(v) for v in mean], std=[float(v) for v in std])
+        elif mean is not None and std is not None and not _same_statistics(self.model, mean, std):
+            own = [self.model.mean.flatten().tolist(), self.model.std.flatten().tolist()]
+            rank_zero_warn(
+                f"the module normalizes with mean, std = {own} but {type(data).__name__} declares {[mean, std]}: the "
+                "module's own are used. Leave mean and std out to take the data's."
+            )
         if taken:
             self.hparams.update(taken)
             told = ", ".join(f"{key}={value}" for key, value in taken.items())
@@ -240,17 +239,9 @@ class ClassifierModule(LightningModule):
         self._evaluate(batch, "test", self.test_accuracy)
 
     def fit_step(self, inputs: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """One optimizer step on ``CE(model(inputs), y)``: zero the gradients, one backward, step (and the scheduler's
-        step with ``lr_scheduler_interval="step"``).
-
-        Through ``manual_backward`` and ``optimizer.step()``, or, where nothing else takes part, the plain
-        ``loss.backward()`` and ``step()`` they reduce to (docs/design.md, "The direct optimizer step"). The same
-        backward fills the gradients of other leaves (a perturbation δ). ``on_before_optimizer_step`` zeroes a
-        non-finite weight gradient (``on_nonfinite_loss="skip"``) and clips it (``gradient_clip_norm``).
-
-        Returns:
-            The loss and the logits, both still attached to the graph.
-        """
+        """One optimizer step on ``CE(model(inputs), y)`` (and the LR scheduler's, per step); its one backward also
+        fills the gradients of other leaves (a perturbation δ). Returns the loss and the logits, still attached to the
+        graph. See docs/design.md, "The direct optimizer step", for the two paths it takes."""
         optimizer = self._step_optimizer or self.optimizers()
         logits = self(inputs)
         if logits.shape[-1] != self.num_classes:
@@ -271,9 +262,7 @@ class ClassifierModule(LightningModule):
         return loss, logits
 
     def _after_optimizer_step(self, finite: Tensor) -> None:
-        """What follows every optimizer step: keep its loss's finiteness flag (a device tensor, read once per batch in
-        ``on_train_batch_end``), advance ``trainer.global_step`` where the step was taken directly, and step the LR
-        scheduler (``lr_scheduler_interval="step"``)."""
+        """Keep the step's finiteness flag, advance ``trainer.global_step`` after a direct step, step the scheduler."""
         self._nonfinite.record(finite)
         if self._direct_step:
             count_optimizer_step(self._step_optimizer)
@@ -312,10 +301,8 @@ class ClassifierModule(LightningModule):
         return [self._random] if kept is None else [self._random, kept]
 
     def export(self, path: str | os.PathLike, input_shape: Sequence[int] | None = None) -> dict[str, Path]:
-        """Write the model for use without freeadv_pl: ``path`` (``model.pt2``), a ``torch.export`` program taking
-        images in [0, 1] with the normalization inside; ``model.backbone.pt``, the backbone's ``state_dict``; and
-        ``model.json``, its description (mean, std, input shape). Load it with
-        ``torch.export.load("model.pt2").module()``. See :func:`freeadv_pl.export.export_classifier`.
+        """Write the model for use without freeadv_pl (:func:`freeadv_pl.export.export_classifier`): a
+        ``torch.export`` program taking images in [0, 1], the backbone's ``state_dict`` and a JSON description.
 
         Args:
             path: the program's file, ending in ``.pt2``.
@@ -359,11 +346,8 @@ class ClassifierModule(LightningModule):
             self._lr_scheduler.step()
 
     def log_training(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
-        """Log the loss and accuracy of the last optimizer step, as tensors (no host synchronisation here), on the
-        first training batch of ``fit`` and on the batches whose metrics the Trainer writes (every
-        ``trainer.log_every_n_steps`` batches); between them, the progress bar and ``trainer.callback_metrics`` show
-        the last logged values. Each ``self.log`` costs Lightning's result bookkeeping, about 0.5 ms of host time: on
-        a GPU, logging every batch slowed small models' training by several percent (benchmarks/README.md)."""
+        """Log the loss and accuracy of the last optimizer step (tensors: no host synchronisation) on the first
+        training batch and on those whose metrics the Trainer writes (every ``trainer.log_every_n_steps``)."""
         if self._training_logged and not should_update_logs(self.trainer):
             return
         self._training_logged = True
@@ -407,8 +391,7 @@ _INPUT_SHAPE_KEY = "freeadv_pl_input_shape"
 
 
 def _same_statistics(model: InputNormalization, mean: Sequence[float], std: Sequence[float]) -> bool:
-    given = torch.cat([model.mean.flatten(), model.std.flatten()]).cpu()
-    declared = torch.cat([torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)])
+    given, declared = torch.cat([model.mean.flatten(), model.std.flatten()]).cpu(), torch.tensor([*mean, *std])
     return given.shape == declared.shape and torch.allclose(given, declared)
 
 
