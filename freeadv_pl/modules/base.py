@@ -138,7 +138,7 @@ class ClassifierModule(LightningModule):
         return self.model(x)
 
     def setup(self, stage: str) -> None:
-        self._take_from_data(getattr(self.trainer, "datamodule", None))
+        self._take_from_data(getattr(_attached_trainer(self), "datamodule", None))
         # Metrics are made here, not in __init__, so that spawned processes do not share them (docs/design.md,
         # "Distributed evaluation and metrics").
         self.val_accuracy = MulticlassAccuracy(self.num_classes, average="micro")
