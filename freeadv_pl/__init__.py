@@ -23,6 +23,7 @@ from freeadv_pl.modules import (
     FastAdversarialModule,
     FreeAdversarialModule,
     NaturalModule,
+    NoiseFGSMModule,
     PGDAdversarialModule,
 )
 
@@ -43,6 +44,7 @@ __all__ = [
     "ImageNetDataModule",
     "InputNormalization",
     "NaturalModule",
+    "NoiseFGSMModule",
     "PGDAdversarialModule",
     "PreActResNet18",
     "PreemptionCheckpoint",

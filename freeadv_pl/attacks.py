@@ -77,7 +77,8 @@ def pgd(
     init: Tensor | None = None,
     model_mode: ModelMode = "eval",
     generator: torch.Generator | None = None,
-) -> Tensor:
+    return_gradient: bool = False,
+) -> Tensor | tuple[Tensor, Tensor | None]:
     """L∞ projected gradient descent (Madry et al. 2018) on images in [0, 1].
 
     Each step moves the perturbation by ``step_size · sign(∇_δ loss)``, then projects it back onto the ε-ball
@@ -99,9 +100,12 @@ def pgd(
         model_mode: the mode the model runs in during the attack: ``"eval"`` for evaluation, ``"train"`` for
             Madry et al.'s training-time attack (batch-norm uses batch statistics). Restored afterwards.
         generator: the random generator of the random starts (the global one if None).
+        return_gradient: also return the input gradient of the last step's loss (summed over the batch, so each
+            example's row is its own gradient), None with ``steps=0``; needs ``restarts=1``.
 
     Returns:
-        The adversarial images, detached, on ``x``'s device and dtype.
+        The adversarial images, detached, on ``x``'s device and dtype; with ``return_gradient``, the pair (images,
+        gradient).
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -119,6 +123,8 @@ def pgd(
     check_choice(model_mode, "model_mode", ("eval", "train"))
     if init is not None and init.shape != x.shape:
         raise ValueError(f"init must have the shape of x {tuple(x.shape)}, got {tuple(init.shape)}")
+    if return_gradient and restarts > 1:
+        raise ValueError(f"return_gradient=True needs restarts=1 (one last step), got restarts={restarts}")
 
     with temporary_mode(model, model_mode == "train"), torch.inference_mode(False), torch.enable_grad():
         # Clones made here are ordinary tensors even when x, y come from inference mode.
@@ -131,11 +137,11 @@ def pgd(
                 delta = uniform_perturbation(x, epsilon, generator)
             else:
                 delta = torch.zeros_like(x)
-            x_adv = _project(x + delta, x, epsilon)
+            x_adv, grad = _project(x + delta, x, epsilon), None
             for _ in range(steps):
-                x_adv = _signed_step(model, x_adv, x, y, epsilon, step_size, loss)
+                x_adv, grad = _signed_step(model, x_adv, x, y, epsilon, step_size, loss)
             if restarts == 1:
-                return x_adv
+                return (x_adv, grad) if return_gradient else x_adv
             with torch.no_grad():
                 now_fooled = model(x_adv).argmax(dim=1) != y
             if best is None:
@@ -166,13 +172,13 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, *, epsilon: float | str, loss: 
 
 def _signed_step(
     model: nn.Module, x_adv: Tensor, x: Tensor, y: Tensor, epsilon: float, step_size: float, loss: AttackLoss
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     x_adv = x_adv.detach().requires_grad_(True)
     logits = model(x_adv)
     # Summed, not averaged, so that each example's gradient is its own whatever the batch size.
     objective = F.cross_entropy(logits, y, reduction="sum") if loss == "ce" else cw_loss(logits, y).sum()
     (grad,) = torch.autograd.grad(objective, x_adv)
-    return _project(x_adv.detach() + step_size * grad.sign(), x, epsilon)
+    return _project(x_adv.detach() + step_size * grad.sign(), x, epsilon), grad
 
 
 def _project(x_adv: Tensor, x: Tensor, epsilon: float) -> Tensor:

@@ -8,7 +8,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from conftest import banded_dataset, quiet_trainer, tiny_cnn
-from freeadv_pl import AttackSpec, CatastrophicOverfittingGuard, FreeAdversarialModule, NaturalModule
+from freeadv_pl import (
+    AttackSpec,
+    CatastrophicOverfittingGuard,
+    FastAdversarialModule,
+    FreeAdversarialModule,
+    NaturalModule,
+)
 
 COLLAPSE_EPOCH = 4
 
@@ -172,3 +178,41 @@ def test_bad_arguments_name_the_fix(kwargs, match):
 def test_the_attack_must_be_an_attack_spec():
     with pytest.raises(TypeError, match=r"attack must be a freeadv_pl.AttackSpec such as AttackSpec\(steps=5\)"):
         CatastrophicOverfittingGuard(attack="pgd5")
+
+
+class _ScriptedAlignment(FastAdversarialModule):
+    """FGSM-RS whose epoch alignment is scripted: healthy, then collapsed from ``COLLAPSE_EPOCH`` on."""
+
+    def grad_alignment(self):
+        return 0.05 if self.current_epoch >= COLLAPSE_EPOCH else 0.6 - 0.02 * self.current_epoch
+
+
+def test_the_alignment_alarm_fires_without_an_attack_and_restores_the_last_healthy_epoch(lightning_log):
+    module = _ScriptedAlignment(tiny_cnn(), 3, epsilon=0.01, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    guard, recorder = CatastrophicOverfittingGuard(alignment_threshold=0.2), _Recorder()
+    trainer = _fit(module, guard, recorder)
+    assert guard.fired_epoch == COLLAPSE_EPOCH and trainer.current_epoch == COLLAPSE_EPOCH + 1
+    assert guard.history == pytest.approx([0.6, 0.58, 0.56, 0.54, 0.05])
+    assert guard.best_epoch == COLLAPSE_EPOCH - 1 and guard._batch is None, "no batch kept: no attack runs"
+    torch.testing.assert_close(module.state_dict(), recorder.weights[COLLAPSE_EPOCH - 1], rtol=0, atol=0)
+    assert "guard/robust_acc" not in trainer.callback_metrics
+    assert "the gradient alignment fell to 0.050, below alignment_threshold 0.2" in lightning_log.text
+
+
+def test_the_alignment_alarm_stays_quiet_on_a_healthy_fgsm_rs_run():
+    module = FastAdversarialModule(tiny_cnn(), 3, epsilon=0.01, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    guard = CatastrophicOverfittingGuard(alignment_threshold=0.2)
+    trainer = _fit(module, guard, epochs=6)
+    assert guard.fired_epoch is None and len(guard.history) == 6 and trainer.current_epoch == 6
+    assert min(guard.history) > 0.5, guard.history
+
+
+def test_the_alignment_alarm_needs_a_module_that_records_the_alignment():
+    with pytest.raises(ValueError, match=r"NaturalModule recorded none in epoch 0.*alignment_threshold=None"):
+        _fit(NaturalModule(tiny_cnn(), 3), CatastrophicOverfittingGuard(alignment_threshold=0.2), epochs=1)
+
+
+@pytest.mark.parametrize("value", [1.5, -1.01, float("nan"), True, "0.2"])
+def test_an_alignment_threshold_must_be_a_cosine(value):
+    with pytest.raises(ValueError, match=r"alignment_threshold must be a cosine in \[-1, 1\]"):
+        CatastrophicOverfittingGuard(alignment_threshold=value)

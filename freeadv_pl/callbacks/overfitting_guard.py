@@ -31,6 +31,11 @@ class CatastrophicOverfittingGuard(Callback):
     DDP the counts are summed over the processes. Its state survives a resume; a checkpoint holds at most one extra
     copy of the weights, only when the best epoch is older than the checkpoint.
 
+    With ``alignment_threshold``, the guard runs no attack: it watches the training module's gradient alignment
+    instead (``train/grad_alignment``, the epoch's mean cosine between the input gradient that built each training
+    perturbation and the input gradient at the perturbed point; see docs/design.md, "Gradient alignment"). An epoch
+    whose alignment falls below the threshold fires it, and the weights of the last epoch at or above it come back.
+
     Args:
         attack: the attack (:class:`~freeadv_pl.evaluation.AttackSpec` with ``steps`` ≥ 1); by default the
             reference code's PGD-5 with step ε/4.
@@ -41,10 +46,15 @@ class CatastrophicOverfittingGuard(Callback):
         model_mode: the model's mode during the check, ``"eval"`` or ``"train"`` (the reference code's, which
             updates batch-norm running statistics with the attacked batch).
         seed: seed of the random starts.
+        alignment_threshold: None: watch the attack's accuracy. A cosine in [−1, 1]: watch the gradient alignment
+            (no attack runs, and ``attack``, ``threshold``, ``epsilon``, ``num_samples``, ``model_mode`` and
+            ``seed`` are not used), and fire on an epoch whose alignment falls below it.
 
     Raises:
         ValueError: on a ``threshold`` outside (0, 1], an attack with 0 steps, ``num_samples`` < 1, an unknown
-            ``model_mode``, or (at fit start) no ``epsilon`` given to a module that has none.
+            ``model_mode``, an ``alignment_threshold`` outside [−1, 1], or (at fit start) no ``epsilon`` given to a
+            module that has none; with ``alignment_threshold``, at an epoch's end when the module recorded no
+            alignment.
         TypeError: when ``attack`` is not an ``AttackSpec``.
 
     Example:
@@ -57,6 +67,8 @@ class CatastrophicOverfittingGuard(Callback):
                   init_args:
                     attack: {steps: 5, step_size: 2/255}
                     threshold: 0.2
+
+        The attack-free alarm: ``CatastrophicOverfittingGuard(alignment_threshold=0.2)``.
     """
 
     def __init__(
@@ -68,7 +80,18 @@ class CatastrophicOverfittingGuard(Callback):
         restore_best: bool = True,
         model_mode: ModelMode = "eval",
         seed: int = 0,
+        alignment_threshold: float | None = None,
     ) -> None:
+        if alignment_threshold is not None and (
+            isinstance(alignment_threshold, bool)
+            or not isinstance(alignment_threshold, (int, float))
+            or not -1 <= alignment_threshold <= 1
+        ):
+            raise ValueError(
+                "alignment_threshold must be a cosine in [-1, 1] (e.g. 0.2) or None (watch an attack's accuracy "
+                f"instead), got {alignment_threshold!r}"
+            )
+        self.alignment_threshold = None if alignment_threshold is None else float(alignment_threshold)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
             raise ValueError(f"threshold must be a fraction in (0, 1] (0.2 = 20 points of accuracy), got {threshold!r}")
         self.attack = _shared.perturbing(attack, "no attack to watch", "AttackSpec(steps=5)")
@@ -90,7 +113,7 @@ class CatastrophicOverfittingGuard(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._trainer = trainer
-        if stage == "fit":
+        if stage == "fit" and self.alignment_threshold is None:
             _shared.epsilon(self, pl_module, [self.attack])  # fail before training, not after the first epoch
 
     @override
@@ -100,14 +123,18 @@ class CatastrophicOverfittingGuard(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._batch is None:
+        if self._batch is None and self.alignment_threshold is None:
             x, y = batch[0], batch[1]
             count = x.shape[0] if self.num_samples is None else min(self.num_samples, x.shape[0])
             self._batch = (x[:count].detach().clone(), y[:count].detach().clone())
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._batch is not None and self.fired_epoch is None:
+        if self.fired_epoch is not None:
+            return
+        if self.alignment_threshold is not None:
+            self._run_alarm(trainer, pl_module)
+        elif self._batch is not None:
             self._run_check(trainer, pl_module)
 
     @override
@@ -137,15 +164,46 @@ class CatastrophicOverfittingGuard(Callback):
         pl_module.log("guard/best_robust_acc", self.best_accuracy)
         if self.best_accuracy - accuracy <= self.threshold:
             return
-        self.fired_epoch = epoch
-        action = f"restoring the weights of epoch {self.best_epoch}" if self.restore_best else "keeping the weights"
+        self._fire(
+            trainer,
+            pl_module,
+            f"{self.attack.title} accuracy ({self.attack.describe(epsilon)}) on the fixed training batch fell to "
+            f"{accuracy:.2%} from its best {self.best_accuracy:.2%} (epoch {self.best_epoch}), a drop of more than "
+            f"{self.threshold:.0%}",
+        )
+
+    def _run_alarm(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        alignment = pl_module.grad_alignment() if hasattr(pl_module, "grad_alignment") else None
+        if alignment is None:
+            raise ValueError(
+                f"CatastrophicOverfittingGuard(alignment_threshold=...) needs the training module's gradient "
+                f"alignment, but {type(pl_module).__name__} recorded none in epoch {trainer.current_epoch}. Modules "
+                "that attack while training record it (FreeAdversarialModule without cuda_graph, "
+                "FastAdversarialModule, PGDAdversarialModule, NoiseFGSMModule); otherwise watch an attack instead "
+                "(alignment_threshold=None)."
+            )
+        self.history.append(alignment)
+        if alignment >= self.alignment_threshold:  # a healthy epoch: the weights to come back to
+            self.best_epoch, self.best_step = trainer.current_epoch, trainer.global_step
+            self._best_state = _copy(pl_module)
+            return
+        last = "no earlier epoch" if self.best_epoch is None else f"epoch {self.best_epoch}"
+        self._fire(
+            trainer,
+            pl_module,
+            f"the gradient alignment fell to {alignment:.3f}, below alignment_threshold {self.alignment_threshold:g} "
+            f"(the last epoch at or above it: {last})",
+        )
+
+    def _fire(self, trainer: Trainer, pl_module: LightningModule, what: str) -> None:
+        self.fired_epoch = trainer.current_epoch
+        restore = self.restore_best and self._best_state is not None
+        action = f"restoring the weights of epoch {self.best_epoch}" if restore else "keeping the weights"
         rank_zero_info(
-            f"CatastrophicOverfittingGuard: catastrophic overfitting at epoch {epoch}: {self.attack.title} accuracy "
-            f"({self.attack.describe(epsilon)}) on the fixed training batch fell to {accuracy:.2%} from its best "
-            f"{self.best_accuracy:.2%} (epoch {self.best_epoch}), a drop of more than {self.threshold:.0%}. Stopping "
+            f"CatastrophicOverfittingGuard: catastrophic overfitting at epoch {self.fired_epoch}: {what}. Stopping "
             f"the training and {action}."
         )
-        if self.restore_best:
+        if restore:
             pl_module.load_state_dict(self._best_state)
             self.best_step = trainer.global_step  # the module's weights are the best again
         trainer.should_stop = True

@@ -4,6 +4,7 @@ from freeadv_pl.modules.base import ClassifierModule
 from freeadv_pl.modules.fast import FastAdversarialModule
 from freeadv_pl.modules.free import FreeAdversarialModule
 from freeadv_pl.modules.natural import NaturalModule
+from freeadv_pl.modules.nfgsm import NoiseFGSMModule
 from freeadv_pl.modules.pgd import PGDAdversarialModule
 
 __all__ = [
@@ -11,5 +12,6 @@ __all__ = [
     "FastAdversarialModule",
     "FreeAdversarialModule",
     "NaturalModule",
+    "NoiseFGSMModule",
     "PGDAdversarialModule",
 ]

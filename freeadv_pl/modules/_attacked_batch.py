@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from freeadv_pl._checks import as_pixel_fraction, check_choice, check_int
@@ -16,7 +17,8 @@ class AttackedBatchModule(ClassifierModule):
     """Per minibatch: ``steps`` L∞ PGD steps of ``step_size`` from :meth:`initial_perturbation` (each projected onto
     the ε-ball and [0, 1], taken with ``torch.autograd.grad`` so that weight gradients stay untouched), with the
     model in ``attack_mode``; then one optimizer step on the adversarial batch. ``steps + 1`` forward/backward passes
-    per batch. Subclasses define the start and call :meth:`set_attack`; see :class:`PGDAdversarialModule`."""
+    per batch. The optimizer step's backward also gives the input gradient at the adversarial batch, whose cosine
+    with the last attack step's gradient is logged per epoch as ``train/grad_alignment``. Subclasses define the start and call :meth:`set_attack`; see :class:`PGDAdversarialModule`."""
 
     def set_attack(self, steps: int, epsilon: float | str, step_size: float | str, attack_mode: ModelMode) -> None:
         """Check and set the attack's settings (subclasses call it in ``__init__``, after ``super().__init__``)."""
@@ -36,7 +38,7 @@ class AttackedBatchModule(ClassifierModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         x, y = unpack_batch(batch)[:2]
-        x_adv = pgd(
+        x_adv, built = pgd(
             self.model,
             x,
             y,
@@ -45,8 +47,14 @@ class AttackedBatchModule(ClassifierModule):
             steps=self.steps,
             init=self.initial_perturbation(x),
             model_mode=self.attack_mode,
+            return_gradient=True,
         )
+        # The weight backward also gives the input gradient at x_adv, for the alignment with the last attack step's.
+        x_adv.requires_grad_(True)
         loss, logits = self.fit_step(x_adv, y)
+        with torch.no_grad():
+            self._alignment.add(built, x_adv.grad)
+        x_adv = x_adv.detach()
         self.after_step(x, x_adv)
         self.log_training(loss, logits, y)
 

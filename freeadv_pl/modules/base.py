@@ -24,6 +24,7 @@ from freeadv_pl._lightning_compat import count_optimizer_step, resumes_after_las
 from freeadv_pl._step_random import StepRandom
 from freeadv_pl.export import export_classifier
 from freeadv_pl.models.normalization import InputNormalization
+from freeadv_pl.modules._alignment import GradientAlignment
 from freeadv_pl.modules._cuda_graph import float_learning_rates
 from freeadv_pl.modules._nonfinite import NonFiniteLosses
 from freeadv_pl.modules._step_path import direct_step_blocker
@@ -118,6 +119,7 @@ class ClassifierModule(LightningModule):
         )
         self._nonfinite = NonFiniteLosses(on_nonfinite_loss)
         self._random = StepRandom()
+        self._alignment = GradientAlignment()
         self.automatic_optimization = False
         self._inputs_checked = False
         self.input_shape: tuple[int, ...] | None = None  # one image's, from the first batch (saved in checkpoints)
@@ -215,6 +217,7 @@ class ClassifierModule(LightningModule):
         if self._epoch_to_finish:  # resumed after an epoch's last batch: Lightning skips that epoch's end
             self._epoch_to_finish = False
             self.finish_epoch()
+            self._alignment.reset()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self._inputs_checked:
@@ -272,6 +275,14 @@ class ClassifierModule(LightningModule):
     def on_train_epoch_end(self) -> None:
         self.finish_epoch()
         self._nonfinite.end_epoch(self)
+        self._alignment.end_epoch(self)
+
+    def grad_alignment(self) -> float | None:
+        """This epoch's mean gradient alignment so far (logged at the epoch's end as ``train/grad_alignment``): the
+        cosine between the input gradient that built each training perturbation and the input gradient at the
+        perturbed point, averaged over examples and processes; None for a module that records none. Under several
+        processes every process must call it. See docs/design.md, "Gradient alignment"."""
+        return self._alignment.epoch_mean(self)
 
     def finish_epoch(self) -> None:
         """What the end of a training epoch does to the training state: step an epoch-interval LR scheduler."""
@@ -298,7 +309,7 @@ class ClassifierModule(LightningModule):
 
     def _training_state(self) -> list[Any]:
         kept = self.kept_perturbation()
-        return [self._random] if kept is None else [self._random, kept]
+        return [self._random, self._alignment] if kept is None else [self._random, self._alignment, kept]
 
     def export(self, path: str | os.PathLike, input_shape: Sequence[int] | None = None) -> dict[str, Path]:
         """Write the model for use without freeadv_pl (:func:`freeadv_pl.export.export_classifier`): a

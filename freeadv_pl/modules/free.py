@@ -157,10 +157,14 @@ class FreeAdversarialModule(ClassifierModule):
         if self._graph is not None and self._graph.fits(x):
             loss, logits = self._graph.run(x, y, delta, epsilon, step_size)
         else:
+            built = None  # the previous replay's δ gradient, which built this replay's δ
             for _ in range(self.replays):
                 leaf = delta.clone().requires_grad_(True)
                 loss, logits = self.fit_step(torch.clamp(x + leaf, 0.0, 1.0), y)
                 with torch.no_grad():
+                    if built is not None:
+                        self._alignment.add(built, leaf.grad)
+                    built = leaf.grad
                     step_delta(leaf, step_size, epsilon, self._nonfinite.update_guard(), delta)
             if self._graph is not None:  # a batch of another shape (the last, smaller one) ran eagerly
                 self._graph.restore_gradients()
