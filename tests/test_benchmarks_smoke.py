@@ -12,9 +12,11 @@ from conftest import needs_fashion_mnist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import accuracy_vs_time  # benchmarks/ is a folder of scripts, not a package
 import free_cifar10_run
+import frontier
 import lightning_overhead
 import loader_cost
 import paper_budget
+import recipe_seeds
 import step_cost
 
 
@@ -149,3 +151,55 @@ def test_paper_budget_runs_on_a_tiny_size_and_merges_its_parts(tmp_path):
     again = paper_budget.main([*sizes, "--methods", "FGSM-RS", "--out", str(tmp_path / "c")])
     assert again[0]["cpu_minutes"] == second[0]["cpu_minutes"] and again[0]["PGD-20"] == second[0]["PGD-20"]
     assert (tmp_path / "m.png").stat().st_size > 10_000
+
+
+@needs_fashion_mnist
+def test_frontier_runs_on_a_tiny_size_goes_on_where_it_stopped_and_merges(tmp_path):
+    sizes = ["--train-size", "256", "--test-size", "64", "--epochs", "8", "--autoattack-size", "8"]
+    threads = torch.get_num_threads()
+    try:
+        first = frontier.main([*sizes, "--rows", "natural", "N-FGSM", "--seeds", "0", "--out", str(tmp_path / "a")])
+        more = frontier.main([*sizes, "--rows", "natural", "N-FGSM", "--seeds", "0", "1", "--out", str(tmp_path / "a")])
+        other = frontier.main(
+            [*sizes, "--rows", "7-PGD, 7× natural's cost", "--seeds", "0", "1", "--epsilons", "0.2",
+             "--out", str(tmp_path / "b")]
+        )
+    finally:
+        torch.set_num_threads(threads)  # main sets the process's thread count
+    assert [(run["epsilon"], run["method"]) for run in first] == [
+        (0.1, "natural"), (0.1, "N-FGSM"), (0.2, "natural"), (0.2, "N-FGSM")
+    ]
+    assert len(first) == 4 and len(more) == 8, "ε 0.1 and 0.2 by default; seed 0 is not trained again"
+    assert [run["cpu_minutes"] for run in more[:4]] == [run["cpu_minutes"] for run in first]
+    assert len(other) == 1 and other[0]["seed"] == 0, "7-PGD at 7× runs at the first seed only"
+    # The budget rule: natural 8 epochs, N-FGSM 4 (two passes each), 7-PGD at 7× natural's 8 epochs of 8 passes.
+    natural, noisy = (next(run for run in more if run["method"] == name) for name in ("natural", "N-FGSM"))
+    assert natural["passes"] == noisy["passes"] == other[0]["passes"] // 8
+    assert "AutoAttack" in natural and "APGD-CE+DLR" in more[-1] and "AutoAttack" not in more[-1]
+    merged = frontier.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m")])
+    assert len(merged) == 9
+    text = (tmp_path / "m.md").read_text()
+    assert "| 0.1 | N-FGSM | 2 |" in text and "collapsed seeds" in text and "± " in text
+    assert (tmp_path / "m.png").stat().st_size > 10_000
+
+
+@needs_fashion_mnist
+def test_recipe_seeds_trains_through_the_cli_at_each_seed_and_merges(tmp_path):
+    configs = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist"
+    quick = ["--config", str(configs / "free.yaml"), "--config", str(configs / "quick.yaml")]
+    threads = torch.get_num_threads()
+    try:
+        rows = recipe_seeds.main([*quick, "--seeds", "0", "1", "--eval-size", "32", "--out", str(tmp_path / "a")])
+        more = recipe_seeds.main(
+            [*quick, "--seeds", "2", "--eval-size", "32", "--out", str(tmp_path / "b"), "--",
+             "--model.init_args.lr_scheduler.init_args.max_lr", "0.01"]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert [row["seed"] for row in rows] == [0, 1] and all(row["optimizer_steps"] == 8 for row in rows)
+    assert all(0 <= row["PGD-20"] <= row["natural"] <= 100 for row in rows + more)
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["machine"]["extra"] == ["--model.init_args.lr_scheduler.init_args.max_lr", "0.01"]
+    merged = recipe_seeds.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m")])
+    assert [row["seed"] for row in merged] == [0, 1, 2]
+    assert "PGD-20 over 3 seeds: mean" in (tmp_path / "m.md").read_text()

@@ -35,6 +35,7 @@ class CatastrophicOverfittingGuard(Callback):
     instead (``train/grad_alignment``, the epoch's mean cosine between the input gradient that built each training
     perturbation and the input gradient at the perturbed point; see docs/design.md, "Gradient alignment"). An epoch
     whose alignment falls below the threshold fires it, and the weights of the last epoch at or above it come back.
+    Measured so far, Free-m's collapse does not lower its alignment: guard Free-m with an attack.
 
     Args:
         attack: the attack (:class:`~freeadv_pl.evaluation.AttackSpec` with ``steps`` ≥ 1); by default the
