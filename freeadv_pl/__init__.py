@@ -25,6 +25,7 @@ from freeadv_pl.modules import (
     NaturalModule,
     NoiseFGSMModule,
     PGDAdversarialModule,
+    PriorGuidedFGSMModule,
 )
 
 __version__ = "0.1.0"
@@ -48,6 +49,7 @@ __all__ = [
     "PGDAdversarialModule",
     "PreActResNet18",
     "PreemptionCheckpoint",
+    "PriorGuidedFGSMModule",
     "RobustEvaluation",
     "SmallCNN",
     "TrainingTime",

@@ -3,6 +3,7 @@
 from freeadv_pl.modules.base import ClassifierModule
 from freeadv_pl.modules.fast import FastAdversarialModule
 from freeadv_pl.modules.free import FreeAdversarialModule
+from freeadv_pl.modules.mep import PriorGuidedFGSMModule
 from freeadv_pl.modules.natural import NaturalModule
 from freeadv_pl.modules.nfgsm import NoiseFGSMModule
 from freeadv_pl.modules.pgd import PGDAdversarialModule
@@ -14,4 +15,5 @@ __all__ = [
     "NaturalModule",
     "NoiseFGSMModule",
     "PGDAdversarialModule",
+    "PriorGuidedFGSMModule",
 ]

@@ -23,8 +23,9 @@ class PerturbationBank:
     on the training device (``location="device"``) or in host memory (``"cpu"``); the same on every process after
     :meth:`synchronise` (docs/design.md, "Where the bank lives, and whether it fits", and "DDP")."""
 
-    def __init__(self, location: str) -> None:
+    def __init__(self, location: str, key: str = BANK_KEY) -> None:
         self.location = location
+        self.key = key  # the checkpoint entry: a module keeping several banks gives each its own
         self.tensor: Tensor | None = None
         self._touched: Tensor | None = None  # under DDP: the rows this process updated since the last sync
 
@@ -97,10 +98,10 @@ class PerturbationBank:
         """Put the bank (on the CPU) into a checkpoint dictionary, after merging the processes' rows (collective)."""
         self.synchronise(trainer)
         if self.tensor is not None:
-            checkpoint[BANK_KEY] = self.tensor.detach().to("cpu", copy=True)
+            checkpoint[self.key] = self.tensor.detach().to("cpu", copy=True)
 
     def load(self, checkpoint: dict[str, Any], trainer: Trainer | None) -> None:
-        self.tensor = checkpoint.get(BANK_KEY)
+        self.tensor = checkpoint.get(self.key)
         if self.tensor is None and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
             rank_zero_warn(
                 "the checkpoint holds no δ bank (it was written with delta_memory='batch', or before the first "
@@ -109,6 +110,24 @@ class PerturbationBank:
 
     def _device(self, trainer: Trainer) -> torch.device:
         return torch.device("cpu") if self.location == "cpu" else trainer.strategy.root_device
+
+
+def training_set_shape(trainer: Trainer, needed_by: str) -> tuple[int, tuple[int, ...]]:
+    """The number of training images and one image's shape, the size of a bank with a row per image.
+
+    Raises:
+        ValueError: if the training DataLoader's dataset has no length or cannot be indexed (``needed_by`` names what
+            needs the bank in the message).
+    """
+    dataset = getattr(trainer.train_dataloader, "dataset", None)
+    try:
+        size, example = len(dataset), dataset[0]
+    except TypeError:
+        raise ValueError(
+            f"{needed_by} needs a training DataLoader over a dataset with a length and indexable examples (a map-style "
+            f"Dataset), got {type(dataset).__name__}: its bank has one row per image."
+        ) from None
+    return size, tuple(example[0].shape)
 
 
 def _rows(per_row: Tensor, like: Tensor) -> Tensor:

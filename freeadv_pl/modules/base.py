@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -241,10 +241,12 @@ class ClassifierModule(LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_accuracy)
 
-    def fit_step(self, inputs: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """One optimizer step on ``CE(model(inputs), y)`` (and the LR scheduler's, per step); its one backward also
-        fills the gradients of other leaves (a perturbation δ). Returns the loss and the logits, still attached to the
-        graph. See docs/design.md, "The direct optimizer step", for the two paths it takes."""
+    def fit_step(
+        self, inputs: Tensor, y: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
+    ) -> tuple[Tensor, Tensor]:
+        """One optimizer step on ``loss_fn(model(inputs), y)``, CE by default (and the LR scheduler's, per step); its
+        one backward also fills the gradients of other leaves (a perturbation δ). Returns the loss and the logits,
+        still attached to the graph. See docs/design.md, "The direct optimizer step", for the two paths it takes."""
         optimizer = self._step_optimizer or self.optimizers()
         logits = self(inputs)
         if logits.shape[-1] != self.num_classes:
@@ -252,7 +254,7 @@ class ClassifierModule(LightningModule):
                 f"the backbone outputs {logits.shape[-1]} logits but num_classes={self.num_classes}: set the "
                 "backbone's num_classes to the dataset's number of classes."
             )
-        loss = F.cross_entropy(logits, y)
+        loss = loss_fn(logits, y)
         optimizer.zero_grad()
         if self._direct_step:
             loss.backward()

@@ -13,7 +13,7 @@ from torch import Tensor
 from freeadv_pl._checks import as_pixel_fraction, check_choice, check_int
 from freeadv_pl.data.batch import unpack_batch
 from freeadv_pl.modules._cuda_graph import ReplayGraph, graph_blocker
-from freeadv_pl.modules._delta_bank import PerturbationBank
+from freeadv_pl.modules._delta_bank import PerturbationBank, training_set_shape
 from freeadv_pl.modules._perturbation import StoredPerturbation, step_delta
 from freeadv_pl.modules.base import ClassifierModule
 
@@ -121,15 +121,7 @@ class FreeAdversarialModule(ClassifierModule):
             else:
                 rank_zero_warn(f"cuda_graph=True: {reason}; Free-m's replays run eagerly.")
         if self.delta_memory == "example":
-            dataset = getattr(self.trainer.train_dataloader, "dataset", None)
-            try:
-                size, example = len(dataset), dataset[0]
-            except TypeError:
-                raise ValueError(
-                    "delta_memory='example' needs a training DataLoader over a dataset with a length and indexable "
-                    f"examples (a map-style Dataset), got {type(dataset).__name__}: the δ bank has one row per image."
-                ) from None
-            self._bank.allocate(size, tuple(example[0].shape), self.trainer)
+            self._bank.allocate(*training_set_shape(self.trainer, "delta_memory='example'"), self.trainer)
 
     def on_train_epoch_start(self) -> None:
         epoch = self.current_epoch
