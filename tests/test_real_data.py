@@ -27,13 +27,23 @@ EPSILON = 0.1
 ATTACK = functools.partial(pgd, epsilon=EPSILON, step_size=EPSILON / 4, steps=10)  # PGD-10, step ε/4, 1 restart
 
 
-def _train_and_evaluate(module_class, seed: int, epochs: int, callbacks=(), **kwargs) -> tuple[float, float]:
-    """Clean and PGD-10 accuracy (%) on 500 test images after training on 10,000 training images."""
+def _train_and_evaluate(
+    module_class, seed: int, epochs: int, callbacks=(), lr: float = 0.05, one_cycle_steps: int | None = None, **kwargs
+) -> tuple[float, float]:
+    """Clean and PGD-10 accuracy (%) on 500 test images after training on 10,000 training images (79 batches), with
+    SGD at ``lr``, or with the shipped Free config's one-cycle schedule peaking at ``lr`` over ``one_cycle_steps``."""
     seed_everything(seed)
-    data = FashionMNISTDataModule(batch_size=128, train_size=10000, val_size=1000, seed=seed)
+    data = FashionMNISTDataModule(batch_size=128, train_size=10000, val_size=1000, seed=seed, return_index=True)
+
+    def one_cycle(optimizer):
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, lr, total_steps=one_cycle_steps, pct_start=0.4, anneal_strategy="linear", cycle_momentum=False
+        )
+
     module = module_class(
         SmallCNN(), num_classes=10, mean=data.mean, std=data.std,
-        optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4), **kwargs,
+        optimizer=lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4),
+        lr_scheduler=None if one_cycle_steps is None else one_cycle, **kwargs,
     )
     quiet_trainer(max_epochs=epochs, limit_val_batches=0, callbacks=list(callbacks)).fit(module, datamodule=data)
     data.setup("test")
@@ -49,19 +59,37 @@ def _natural(seed: int) -> tuple[float, float]:
     return _train_and_evaluate(NaturalModule, seed, epochs=8)
 
 
+@functools.cache
+def _free(seed: int) -> tuple[float, float]:
+    """The shipped Free-4 recipe (configs/fashion_mnist/free.yaml: per-example δ with a random restart, ε_step = ε/2,
+    one-cycle lr peaking at 0.02) for 2 epochs: natural training's budget of 8 passes per training image."""
+    return _train_and_evaluate(
+        FreeAdversarialModule, seed, epochs=2, lr=0.02, one_cycle_steps=2 * 79 * 4, replays=4, epsilon=EPSILON,
+        step_size=EPSILON / 2, delta_memory="example", delta_start_noise=1.0,
+    )
+
+
 @needs_fashion_mnist
 @pytest.mark.parametrize("seed", [0, 1])
 def test_free_training_keeps_robust_accuracy_where_natural_training_loses_it(seed):
-    # Equal budgets: 8 forward/backward passes per training image for both (natural 8 epochs; Free-4, 2 epochs).
+    # Measured over seeds 0-4 at 1 torch thread (seeds 0 and 1 also at 2): Free-4 57.2-59.6 % PGD-10 and 82.6-83.6 %
+    # clean, natural training 2.6-4.4 % and 86.8-89.6 %. Each margin below is several times its figure's spread.
     natural_clean, natural_robust = _natural(seed)
-    free_clean, free_robust = _train_and_evaluate(
-        FreeAdversarialModule, seed, epochs=2, replays=4, epsilon=EPSILON, step_size=EPSILON / 2
-    )
+    free_clean, free_robust = _free(seed)
     print(f"seed {seed}: natural {natural_clean:.1f}% clean / {natural_robust:.1f}% PGD-10; "
           f"Free-4 {free_clean:.1f}% / {free_robust:.1f}%")
-    assert natural_clean > 80 and free_clean > 60
-    assert natural_robust < 10, "a naturally trained model must fall under PGD"
-    assert free_robust > natural_robust + 15, "Free-m must keep a substantial part of its accuracy under PGD"
+    assert natural_clean > 75 and free_clean > 70
+    assert natural_robust < 15, "a naturally trained model must fall under PGD"
+    assert free_robust > 40, "Free-m must keep a substantial part of its accuracy under PGD"
+
+
+@needs_fashion_mnist
+def test_the_shipped_free_recipe_holds_at_every_seed():
+    # Seeds 0-4 spread over 2.4 points here (57.2-59.6 %). The same recipe at natural training's lr 0.05 from the
+    # first step, as the shipped config had it, gave 35.0, 46.0 and 50.4 % at seeds 0-2: this test fails on it.
+    robust = [_free(seed)[1] for seed in (0, 1, 2)]
+    print(f"Free-4 PGD-10 at seeds 0, 1, 2: {robust}")
+    assert max(robust) - min(robust) < 10, f"a seed's robust accuracy fell far below the others': {robust}"
 
 
 @needs_fashion_mnist
