@@ -62,7 +62,8 @@ def _natural(seed: int) -> tuple[float, float]:
 @functools.cache
 def _free(seed: int) -> tuple[float, float]:
     """The shipped Free-4 recipe (configs/fashion_mnist/free.yaml: per-example δ with a random restart, ε_step = ε/2,
-    one-cycle lr peaking at 0.02) for 2 epochs: natural training's budget of 8 passes per training image."""
+    a one-cycle lr) for 2 epochs, natural training's budget of 8 passes per training image. The peak is 0.02 here (the
+    config's is 0.05): over these 632 steps seeds 0-2 spread over 2.4 points at 0.02 and 3.8 at 0.05."""
     return _train_and_evaluate(
         FreeAdversarialModule, seed, epochs=2, lr=0.02, one_cycle_steps=2 * 79 * 4, replays=4, epsilon=EPSILON,
         step_size=EPSILON / 2, delta_memory="example", delta_start_noise=1.0,
