@@ -43,6 +43,36 @@ def banded_dataset(n: int, seed: int = 0) -> TensorDataset:
     return TensorDataset(x, y)
 
 
+class CountingNet(nn.Module):
+    """A linear net on 1×6×6 images that counts its forward passes and the backward passes through it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(36, 3)
+        self.forwards = self.backwards = 0
+        self.register_full_backward_hook(self._count_backward)
+
+    def _count_backward(self, module, grad_input, grad_output):
+        self.backwards += 1
+
+    def forward(self, x):
+        self.forwards += 1
+        return self.linear(x.flatten(1))
+
+
+class ExplodingNet(nn.Module):
+    """A linear net on 1×6×6 images whose logits turn non-finite on demand, as an fp16 overflow would make them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(36, 3)
+        self.explode = False
+
+    def forward(self, x):
+        logits = self.linear(x.flatten(1))
+        return logits * float("inf") if self.explode else logits
+
+
 def tiny_loader(n: int = 10, batch_size: int = 4, **kwargs) -> DataLoader:
     """A fixed-order loader; with the defaults the last batch is smaller (4, 4, 2)."""
     return DataLoader(tiny_dataset(n, **kwargs), batch_size=batch_size, shuffle=False)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import quiet_trainer, tiny_loader
+from conftest import CountingNet, quiet_trainer, tiny_loader
 from freeadv_pl import FastAdversarialModule
 
 EPSILON, ALPHA, EPOCHS = 0.1, 0.07, 2  # α ≠ ε and ≠ 1.25 ε, so that mixing them up shows
@@ -99,19 +99,8 @@ def test_matches_the_reference_fgsm_rs_loop(init, attack_mode):
         assert module.delta is None
 
 
-class _CountingNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(36, 3)
-        self.forwards = 0
-
-    def forward(self, x):
-        self.forwards += 1
-        return self.linear(x.flatten(1))
-
-
 def test_two_forward_backward_passes_per_batch():
-    net = _CountingNet()
+    net = CountingNet()
     quiet_trainer(max_epochs=2).fit(FastAdversarialModule(net, 3, epsilon=0.1), train_dataloaders=tiny_loader())
     assert net.forwards == 2 * 3 * 2  # (FGSM step + training step) × 3 batches × 2 epochs
 

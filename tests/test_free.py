@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from conftest import quiet_trainer, tiny_cnn, tiny_loader
+from conftest import ExplodingNet, quiet_trainer, tiny_cnn, tiny_loader
 from freeadv_pl import FreeAdversarialModule
 
 MEAN, STD = (0.4,), (0.3,)
@@ -119,21 +119,8 @@ def test_delta_survives_a_checkpoint(tmp_path):
     assert torch.equal(restored.delta, module.delta)
 
 
-class _ExplodingNet(nn.Module):
-    """Logits that turn non-finite on demand, as an fp16 overflow would make them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(36, 3)
-        self.explode = False
-
-    def forward(self, x):
-        logits = self.linear(x.flatten(1))
-        return logits * float("inf") if self.explode else logits
-
-
 def test_a_replay_with_a_non_finite_delta_gradient_leaves_delta_unchanged():
-    net = _ExplodingNet()
+    net = ExplodingNet()
     module = FreeAdversarialModule(
         net, 3, replays=2, epsilon=0.1, optimizer=lambda p: torch.optim.SGD(p, lr=0.0), on_nonfinite_loss="skip"
     )

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import quiet_trainer, tiny_cnn, tiny_loader
+from conftest import CountingNet, ExplodingNet, quiet_trainer, tiny_cnn, tiny_loader
 from dataset_files import write_cifar
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
@@ -262,26 +262,9 @@ def test_batches_without_indices_name_the_fix():
         quiet_trainer().fit(_mep(tiny_cnn()), train_dataloaders=tiny_loader())
 
 
-class _CountingNet(nn.Module):
-    """Counts its forward passes and the backward passes through it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(36, 3)
-        self.forwards = self.backwards = 0
-        self.register_full_backward_hook(self._count_backward)
-
-    def _count_backward(self, module, grad_input, grad_output):
-        self.backwards += 1
-
-    def forward(self, x):
-        self.forwards += 1
-        return self.linear(x.flatten(1))
-
-
 @pytest.mark.parametrize(("lamda", "passes", "backwards"), [(LAMBDA, 3, 3), (0.0, 2, 2)])
 def test_passes_per_batch_count_the_backward_through_the_prior_point(lamda, passes, backwards):
-    net = _CountingNet()
+    net = CountingNet()
     module = _mep(net, regularizer_weight=lamda)
     assert module.passes_per_batch == passes
     quiet_trainer().fit(module, train_dataloaders=DataLoader(_indexed(), batch_size=4))
@@ -318,21 +301,8 @@ def test_bad_arguments_name_the_fix(kwargs, error, match):
         PriorGuidedFGSMModule(_net(), 3, **kwargs)
 
 
-class _ExplodingNet(nn.Module):
-    """Logits that turn non-finite on demand, as an fp16 overflow would make them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(36, 3)
-        self.explode = False
-
-    def forward(self, x):
-        logits = self.linear(x.flatten(1))
-        return logits * float("inf") if self.explode else logits
-
-
 def test_skipped_steps_keep_each_images_prior_and_momentum():
-    net = _ExplodingNet()
+    net = ExplodingNet()
     net.explode = True
     module = _mep(net, on_nonfinite_loss="skip")
     quiet_trainer(max_epochs=1).fit(module, train_dataloaders=DataLoader(_indexed(), batch_size=4))

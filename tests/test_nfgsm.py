@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import quiet_trainer, tiny_cnn, tiny_dataset, tiny_loader
+from conftest import CountingNet, quiet_trainer, tiny_cnn, tiny_dataset, tiny_loader
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
@@ -120,19 +120,8 @@ def test_without_clip_the_perturbation_leaves_the_epsilon_ball_and_with_clip_it_
         assert gap <= clip + 1e-6
 
 
-class _CountingNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(36, 3)
-        self.forwards = 0
-
-    def forward(self, x):
-        self.forwards += 1
-        return self.linear(x.flatten(1))
-
-
 def test_two_forward_backward_passes_per_batch():
-    net = _CountingNet()
+    net = CountingNet()
     module = NoiseFGSMModule(net, 3, epsilon=EPSILON)
     assert module.passes_per_batch == 2
     quiet_trainer().fit(module, train_dataloaders=tiny_loader())
