@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         column = "AutoAttack" if spec.version == "standard" else "APGD-CE+DLR"
                         run.update(accuracy(module, subset, {column: spec}, seed, epsilon))
                         run[f"{column} images"] = len(subset)
-                    run["collapsed"] = run["PGD-20"] < args.collapse_below
+                    run["collapsed"] = name != "natural" and run["PGD-20"] < args.collapse_below
                 runs.append(run)
                 scores = ", ".join(f"{key} {run[key]:.2f}" for key in ("natural", "PGD-20", "AutoAttack",
                                                                        "APGD-CE+DLR") if key in run)
@@ -195,7 +195,7 @@ def summarise(runs: list[dict[str, Any]], collapse_below: float) -> list[dict[st
                     else f"{values[0]:.1f}"
                 line[f"{key} mean"] = statistics.fmean(values)
         collapsed = [str(run["seed"]) for run in group if run.get("diverged") or run["PGD-20"] < collapse_below]
-        line["collapsed seeds"] = ", ".join(collapsed) or "none"
+        line["collapsed seeds"] = "(not adversarial)" if method == "natural" else ", ".join(collapsed) or "none"
         lines.append(line)
     return lines
 
