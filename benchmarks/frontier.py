@@ -13,7 +13,8 @@ PGD-20 accuracy ends below ``--collapse-below`` % (default 10) is reported as co
 
 The results files (.json, .md, .png: PGD-20 against training time, one panel per ε) are rewritten after every run,
 and a run already in the .json is not trained again: an interrupted grid goes on where it stopped, and a grid
-shared out over processes (``--rows``, ``--epsilons``, ``--seeds``) is joined with ``--merge``.
+shared out over processes (``--rows``, ``--epsilons``, ``--seeds``) is joined with ``--merge`` (a run found in several
+parts counts once).
 
     python benchmarks/frontier.py --epochs 32 --epsilons 0.1 0.2 --seeds 0 1 2     # hours on one CPU core
     python benchmarks/frontier.py --device cuda ...                                  # minutes on a GPU
@@ -114,7 +115,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.merge:
         parts = [json.loads(part.read_text()) for part in args.merge]
         info = {**parts[0]["machine"], "parts": [part["machine"] for part in parts]}
-        runs = [run for part in parts for run in part["rows"]]
+        runs, seen = [], set()
+        for run in (run for part in parts for run in part["rows"]):  # a run in several parts counts once (the first)
+            if (run["method"], run["epsilon"], run["seed"]) not in seen:
+                seen.add((run["method"], run["epsilon"], run["seed"]))
+                runs.append(run)
         _write(runs, info, out, args.collapse_below)
         return runs
     if args.epochs < 8 or args.epochs % 8:
