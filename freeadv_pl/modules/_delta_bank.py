@@ -130,6 +130,21 @@ def training_set_shape(trainer: Trainer, needed_by: str) -> tuple[int, tuple[int
     return size, tuple(example[0].shape)
 
 
+def require_index(index: Tensor | None, needed_by: str) -> Tensor:
+    """The batch's image indices, which key a bank's rows.
+
+    Raises:
+        ValueError: if the batch is ``(x, y)``, with the fix (``needed_by`` names what needs the indices).
+    """
+    if index is None:
+        raise ValueError(
+            f"{needed_by} needs training batches (x, y, index), index each image's position in the training set, got "
+            "(x, y): set the DataModule's return_index=True (data.init_args.return_index: true in a config), or give "
+            "a dataset whose examples are (image, label, index)."
+        )
+    return index
+
+
 def _rows(per_row: Tensor, like: Tensor) -> Tensor:
     """A per-row vector shaped to broadcast over ``like``'s rows."""
     return per_row.view(-1, *[1] * (like.dim() - 1))

@@ -13,7 +13,7 @@ from torch import Tensor
 from freeadv_pl._checks import as_pixel_fraction, check_choice, check_int
 from freeadv_pl.data.batch import unpack_batch
 from freeadv_pl.modules._cuda_graph import ReplayGraph, graph_blocker
-from freeadv_pl.modules._delta_bank import PerturbationBank, training_set_shape
+from freeadv_pl.modules._delta_bank import PerturbationBank, require_index, training_set_shape
 from freeadv_pl.modules._perturbation import StoredPerturbation, step_delta
 from freeadv_pl.modules.base import ClassifierModule
 
@@ -134,12 +134,7 @@ class FreeAdversarialModule(ClassifierModule):
         scale = self._warmup_scale(batch_idx)
         epsilon, step_size = scale * self.epsilon, scale * self.step_size
         if self.delta_memory == "example":
-            if index is None:
-                raise ValueError(
-                    "delta_memory='example' needs training batches (x, y, index), index each image's position in the "
-                    "training set, got (x, y): set the DataModule's return_index=True (data.init_args.return_index: "
-                    "true in a config), or give a dataset whose examples are (image, label, index)."
-                )
+            index = require_index(index, "delta_memory='example'")
             delta, stored = self._bank.rows(index, x, crop_flip)
         else:
             delta = self._delta.for_batch(x)  # a view of δ[:B]: writing into it updates the stored δ

@@ -17,7 +17,7 @@ from freeadv_pl._modes import temporary_mode
 from freeadv_pl.attacks import ModelMode, uniform_perturbation
 from freeadv_pl.data.augmentation import CropFlip
 from freeadv_pl.data.batch import unpack_batch
-from freeadv_pl.modules._delta_bank import PerturbationBank, training_set_shape
+from freeadv_pl.modules._delta_bank import PerturbationBank, require_index, training_set_shape
 from freeadv_pl.modules.base import ClassifierModule
 
 MOMENTUM_KEY = "freeadv_pl_momentum_bank"
@@ -129,12 +129,7 @@ class PriorGuidedFGSMModule(ClassifierModule):
 
     def training_step(self, batch: Sequence[Any], batch_idx: int) -> None:
         x, y, index, crop_flip = unpack_batch(batch)
-        if index is None:
-            raise ValueError(
-                "PriorGuidedFGSMModule needs training batches (x, y, index), index each image's position in the "
-                "training set, got (x, y): set the DataModule's return_index=True (data.init_args.return_index: true "
-                "in a config), or give a dataset whose examples are (image, label, index)."
-            )
+        index = require_index(index, "PriorGuidedFGSMModule")
         prior, prior_stored = self._bank.rows(index, x, crop_flip)
         # The momentum stays in float32 (or wider) whatever the images' dtype: its entries are ~1/(batch · pixels).
         momentum, momentum_stored = self._momentum.rows(index, x if x.dtype.itemsize >= 4 else x.float(), crop_flip)
