@@ -19,7 +19,7 @@ fi
 echo "== Installing $TORCH_PINS"
 # shellcheck disable=SC2086
 $PYTHON -m pip install -q --disable-pip-version-check $TORCH_PINS
-echo "== Installing freeadv_pl[test,notebooks]"
+echo "== Installing freeadv_pl[test,notebooks,docs]"
 # shellcheck disable=SC2086
-$PYTHON -m pip install -q --disable-pip-version-check -e ".[test,notebooks]" $TORCH_PINS
+$PYTHON -m pip install -q --disable-pip-version-check -e ".[test,notebooks,docs]" $TORCH_PINS
 $PYTHON -c "import freeadv_pl, torch, lightning; print('freeadv_pl', freeadv_pl.__version__, '| torch', torch.__version__, '| lightning', lightning.__version__)"
