@@ -203,3 +203,15 @@ def test_recipe_seeds_trains_through_the_cli_at_each_seed_and_merges(tmp_path):
     merged = recipe_seeds.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m")])
     assert [row["seed"] for row in merged] == [0, 1, 2]
     assert "PGD-20 over 3 seeds: mean" in (tmp_path / "m.md").read_text()
+
+
+def test_plots_redraws_every_missing_plot_from_the_committed_results(tmp_path):
+    import matplotlib.image
+    import plots
+
+    written = plots.main(["--out", str(tmp_path)])
+    assert sorted(path.name for path in written) == sorted(plots.PLOTS)
+    for path in written:
+        assert path.parent == tmp_path and path.stat().st_size > 10_000
+        pixels = matplotlib.image.imread(path)[..., :3]
+        assert (pixels < 0.9).any(axis=-1).mean() > 0.01, f"{path.name} is blank"
