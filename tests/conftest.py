@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Trainer
@@ -92,6 +95,47 @@ def quiet_trainer(**kwargs) -> Trainer:
     )
     settings.update(kwargs)
     return Trainer(**settings)
+
+
+LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+SEED_VARIABLES = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")  # what seed_everything writes into os.environ
+
+
+def _global_state() -> dict[str, object]:
+    """What one test could change and another test's result could depend on."""
+    return {
+        "torch threads": torch.get_num_threads(),
+        "default dtype": torch.get_default_dtype(),
+        "grad mode": torch.is_grad_enabled(),
+        "inference mode": torch.is_inference_mode_enabled(),
+        "deterministic algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn.benchmark": torch.backends.cudnn.benchmark,
+        "working directory": os.getcwd(),
+        **{f"logger {name!r}'s level": logging.getLogger(name).level for name in ("", "lightning", *LIGHTNING_LOGGERS)},
+    }
+
+
+@pytest.fixture(autouse=True)
+def independent_of_test_order(request: pytest.FixtureRequest):
+    """Every test starts from the same global random state and must leave the rest of the global state as it found
+    it, so that no result depends on which tests ran before (docs/design.md, "Tests"). The random generators of torch,
+    numpy and ``random`` are seeded with 0 and Lightning's seed variables restored; a test that changes thread count,
+    default dtype, grad or inference mode, deterministic algorithms, the working directory or a logger's level
+    without putting it back fails here."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    seeds = {name: os.environ.get(name) for name in SEED_VARIABLES}
+    before = _global_state()
+    yield
+    for name, value in seeds.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    after = _global_state()
+    changed = {key: (value, after[key]) for key, value in before.items() if after[key] != value}
+    assert not changed, f"{request.node.nodeid} left the global state changed (before, after): {changed}"
 
 
 @pytest.fixture

@@ -39,11 +39,12 @@ class AdversarialExamplesLogger(Callback):
     during the sanity check) the first ``num_images`` images of the first validation dataloader's dataset, the same
     ones every time, are attacked with ``attack`` in eval mode, its random start seeded with ``seed`` each time. The
     grid's rows: the clean images (captioned with the label and the prediction, green if right, red if wrong), the
-    adversarial images (with the prediction) and ``0.5 + perturbation_scale · δ`` (grey: no change; with max |δ|),
-    each image enlarged by a whole factor. With a ``TensorBoardLogger`` it goes to ``add_image("adversarial_examples",
-    ...)``; otherwise it is written as ``adversarial_examples/epoch=NNN.png`` in the logger's folder
-    (:attr:`last_path`; :attr:`last_examples` holds the tensors drawn). Under DDP only the global-zero process draws,
-    without collectives (strategies with a collective forward pass, FSDP or DeepSpeed stage 3, are not supported).
+    adversarial images (with the prediction) and ``0.5 + perturbation_scale · δ`` (grey: no change; with
+    max ``|δ|``), each image enlarged by a whole factor. With a ``TensorBoardLogger`` it goes to
+    ``add_image("adversarial_examples", ...)``; otherwise it is written as ``adversarial_examples/epoch=NNN.png``
+    in the logger's folder (:attr:`last_path`; :attr:`last_examples` holds the tensors drawn). Under DDP only the
+    global-zero process draws, without collectives (strategies with a collective forward pass, FSDP or DeepSpeed
+    stage 3, are not supported).
 
     Args:
         every_n_epochs: log at the end of every n-th validation epoch of ``fit``.
