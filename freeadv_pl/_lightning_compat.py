@@ -1,5 +1,6 @@
-"""Every read of Lightning's private API in freeadv_pl, in one place; ``tests/test_lightning_compat.py`` pins each one
-against the installed Lightning, so that a release that changes them fails there first."""
+"""Every read of Lightning's private API in freeadv_pl (and of the jsonargparse/argparse internals its CLI parser is
+made of), in one place; ``tests/test_lightning_compat.py`` pins each one against the installed releases, so that a
+release that changes them fails there first."""
 
 from __future__ import annotations
 
@@ -26,6 +27,14 @@ def cli_class_path(hyperparameters: Mapping[str, Any]) -> str | None:
     """The model class a ``LightningCLI`` run recorded in its module's saved hyperparameters (None when it was not
     written by a LightningCLI)."""
     return hyperparameters.get("_class_path")
+
+
+def cli_subcommand_entries(parser: Any) -> tuple[Any, list[Any]] | None:
+    """The subcommands action of a ``LightningCLI`` parser (jsonargparse keeps the action ``add_subcommands()``
+    returned as ``_subcommands_action``) and its per-subcommand ``--help`` entries (argparse's ``_choices_actions``),
+    or None for a parser without subcommands."""
+    action = getattr(parser, "_subcommands_action", None)
+    return None if action is None else (action, action._choices_actions)
 
 
 def resumes_after_last_batch(fit_loop_state: Mapping[str, Any]) -> bool:

@@ -1,19 +1,40 @@
-"""The command line: ``freeadv_pl fit|validate|test --config configs/...yaml`` (a LightningCLI)."""
+"""The command line: ``freeadv_pl fit|validate|test|predict --config fashion_mnist/free.yaml`` (a LightningCLI), plus
+``freeadv_pl export`` and ``freeadv_pl recipes``."""
 
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from freeadv_pl._lightning_compat import cli_class_path
+from freeadv_pl._lightning_compat import cli_class_path, cli_subcommand_entries
 from freeadv_pl.data.base import VisionDataModule
 from freeadv_pl.export import main as export_main
 from freeadv_pl.modules.base import ClassifierModule, check_trainer_for_manual_optimization
+from freeadv_pl.recipes import main as recipes_main
+from freeadv_pl.recipes import resolve_config_args
+
+# One line per subcommand for ``freeadv_pl --help`` (Lightning's would be the first line of each Trainer method's
+# docstring, cut mid-sentence for test and predict). export and recipes are run by main(), not by LightningCLI.
+SUBCOMMANDS = {
+    "fit": "Train a model, e.g. --config fashion_mnist/free.yaml",
+    "validate": "Evaluate a checkpoint on the validation set",
+    "test": "Evaluate a checkpoint on the test set, print a table",
+    "predict": "Run a checkpoint's model on prediction data",
+    "export": "Export a checkpoint to run without freeadv_pl",
+    "recipes": "List the shipped configs that --config accepts",
+}
+_MAIN_ONLY = ("export", "recipes")
+_DESCRIPTION = (
+    '"Adversarial Training for Free!" (Shafahi et al., NeurIPS 2019) and its baselines as Lightning modules. Start '
+    "with `freeadv_pl recipes`, then e.g. `freeadv_pl fit --config fashion_mnist/free.yaml`."
+)
 
 
 class FreeAdvCLI(LightningCLI):
@@ -31,18 +52,54 @@ class FreeAdvCLI(LightningCLI):
     anything runs. This check reads the checkpoint with ``torch.load(..., weights_only=True)``; Lightning's own
     loading uses PyTorch's default, ``weights_only=True`` since torch 2.6 (``--weights_only true`` forces it before).
 
+    Every ``--config`` (``-c``) that names no file but a shipped recipe, ``fashion_mnist/free.yaml`` or
+    ``configs/fashion_mnist/free.yaml``, reads that recipe (:func:`freeadv_pl.recipes.resolve_config`); one that is
+    neither exits with an error that names ``freeadv_pl recipes``.
+
     Raises:
         ValueError: on a ``--ckpt_path`` whose module class is not the config's (or a subclass of it), or that was not
             written by the CLI; on Trainer settings that manual optimization cannot honour.
     """
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        # jsonargparse keeps the action that add_subcommands() returned on the parser: reword Lightning's entries and
+        # list main()'s subcommands beside them, so that --help and "expected subcommand" errors name all six.
+        entries = cli_subcommand_entries(self.parser) if add_subcommands else None
+        if entries is None:
+            return
+        subcommands, choices = entries
+        for choice in choices:
+            choice.help = SUBCOMMANDS.get(choice.dest, choice.help)
+        for name in _MAIN_ONLY:
+            subcommands.add_subcommand(name, ArgumentParser(description=SUBCOMMANDS[name]), help=SUBCOMMANDS[name])
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name in ("num_classes", "mean", "std"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        super().parse_arguments(parser, args)
+        if isinstance(args, (dict, Namespace)):
+            super().parse_arguments(parser, args)
+        else:
+            try:
+                resolved = resolve_config_args(sys.argv[1:] if args is None else args)
+            except FileNotFoundError as error:
+                parser.error(str(error))
+            if args is None:
+                # The console script: LightningCLI reads the command line itself. Parse its resolved form here, as
+                # super() would: given it as ``args``, Lightning would warn that both args and sys.argv were given.
+                self.config = parser.parse_args(resolved)
+            else:
+                super().parse_arguments(parser, resolved)
         subcommand = self.config.get("subcommand")
+        if subcommand in _MAIN_ONLY:
+            parser.error(
+                f"{subcommand} runs from the console script (freeadv_pl {subcommand} ...) or main([{subcommand!r}, "
+                "...]), not through build_cli or LightningCLI."
+            )
         if subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
             self.config.fit.ckpt_path = _newest_last_checkpoint(self.config.fit.trainer.get("default_root_dir"))
         if subcommand:
@@ -107,15 +164,30 @@ def build_cli(args: ArgsType = None, run: bool = True) -> FreeAdvCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "freeadv_pl", "description": _DESCRIPTION},
         args=args,
         run=run,
     )
 
 
 def main(args: list[str] | None = None) -> None:
-    """The ``freeadv_pl`` console script: LightningCLI's subcommands, and ``export`` (:func:`freeadv_pl.export.main`)."""
-    args = sys.argv[1:] if args is None else args
-    if args and args[0] == "export":
-        export_main(args[1:])
-        return
-    build_cli(args)
+    """The ``freeadv_pl`` console script: LightningCLI's subcommands, ``export`` (:func:`freeadv_pl.export.main`) and
+    ``recipes`` (:func:`freeadv_pl.recipes.main`). ``args`` defaults to the command line (``sys.argv[1:]``)."""
+    command = sys.argv[1:] if args is None else args
+    _ignore_unactionable_warnings()
+    if command and command[0] == "export":
+        export_main(command[1:])
+    elif command and command[0] == "recipes":
+        recipes_main(command[1:])
+    else:
+        build_cli(args)  # None: LightningCLI reads sys.argv itself
+
+
+def _ignore_unactionable_warnings() -> None:
+    """Hide the third-party deprecation warnings that a user of the command line cannot act on: Lightning's use of
+    torch's deprecated ``LeafSpec`` and torchdata's call of the deprecated ``torch.set_vital``. Each filter matches
+    one message from one package; the tests, which call :func:`build_cli`, still see them."""
+    warnings.filterwarnings(
+        "ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, module=r"lightning\."
+    )
+    warnings.filterwarnings("ignore", "'set_vital' is deprecated", UserWarning, module=r"torchdata\.")

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 
 import freeadv_pl
 from freeadv_pl import AttackSpec, robust_accuracy
-from freeadv_pl.cli import build_cli
+from freeadv_pl.cli import _ignore_unactionable_warnings, build_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 EPSILON = 0.1
@@ -33,6 +33,7 @@ PGD_STEP = 2.5 * EPSILON / 20  # Madry et al.'s rule: 2.5 ε / steps
 def _train(config: Path, extra: list[str]) -> tuple[object, float]:
     # The CLI is given its arguments explicitly; the demo's own command line is not meant for it.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    _ignore_unactionable_warnings()  # third-party deprecations, as the freeadv_pl command hides them
     start = time.perf_counter()
     cli = build_cli(["fit", "--config", str(config), "--trainer.default_root_dir", "outputs/demo", *extra])
     return cli, time.perf_counter() - start

@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.utils.data import DataLoader
 
+from conftest import quiet_trainer, tiny_cnn, tiny_dataset
 from dataset_files import imagenet_classes, write_cifar, write_fashion_mnist, write_image_folder
-from freeadv_pl.cli import build_cli, main
+from freeadv_pl import NaturalModule, RobustEvaluation
+from freeadv_pl.cli import SUBCOMMANDS, build_cli, main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # Entry points: every YAML but the shared pieces in common/ and the quick.yaml overlays.
@@ -113,7 +120,28 @@ def test_console_script_and_module_entry_points():
     for command in (["freeadv_pl", "--help"], [sys.executable, "-m", "freeadv_pl", "--help"]):
         result = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
-        assert "fit" in result.stdout and "test" in result.stdout
+        assert result.stderr == "", "no warning"
+        assert "{fit,validate,test,predict,export,recipes}" in result.stdout
+
+
+def test_help_lists_every_subcommand_in_one_line_and_warns_nothing(monkeypatch, capsys):
+    # As the console script runs it: main() reads sys.argv (LightningCLI warns when given both args and sys.argv).
+    monkeypatch.setattr(sys, "argv", ["freeadv_pl", "--help"])
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit) as exit_info:
+        warnings.simplefilter("always")
+        main()
+    assert exit_info.value.code in (0, None)
+    assert [str(warning.message) for warning in caught] == []
+    lines = capsys.readouterr().out.splitlines()
+    for subcommand, description in SUBCOMMANDS.items():
+        assert f"    {subcommand:<20}{description}" in lines
+
+
+@pytest.mark.parametrize("subcommand", ["export", "recipes"])
+def test_the_console_scripts_own_subcommands_are_not_run_by_build_cli(subcommand, capsys):
+    with pytest.raises(SystemExit):
+        build_cli([subcommand])
+    assert f"{subcommand} runs from the console script (freeadv_pl {subcommand} ...)" in capsys.readouterr().err
 
 
 def test_epsilon_may_be_written_as_a_fraction(capsys, in_tmp_path):
@@ -148,6 +176,7 @@ def test_an_imagenet_config_runs_unchanged_under_two_process_ddp(dataset_root, t
         [sys.executable, str(script), "fit", *args], cwd=root, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "self.log('val/robust/" not in result.stderr, "RobustEvaluation's figures are sums over the processes"
     # quick.yaml's total batch of 4 is split over the 2 processes; each keeps its own δ for its 2 images.
     for rank in (0, 1):
         assert f"rank {rank} of 2: batch 2, delta (2, 3, 32, 32), steps 8" in result.stdout
@@ -163,3 +192,30 @@ def test_the_cuda_graph_overlay_keeps_the_config_and_falls_back_on_the_cpu(datas
     group = cli.trainer.optimizers[0].param_groups[0]
     assert cli.model.cuda_graph and group["fused"] and group["lr"] == 0.1 and group["weight_decay"] == 2.0e-4
     assert cli.trainer.global_step == 2 * 8
+
+
+class _LogsAnEpochTensor(Callback):
+    """Logs an epoch-level tensor without sync_dist, the case for Lightning's advice (a control)."""
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pl_module.log("val/other", torch.tensor(0.5))
+
+
+def test_no_sync_dist_advice_for_robust_accuracy_under_distributed(tmp_path):
+    # Lightning advises sync_dist=True for every epoch-level tensor logged without it once torch.distributed is
+    # initialized (whatever the world size). RobustEvaluation's figures are sums over the processes already: no advice
+    # for them, and still for other keys. A one-process gloo group stands in for DDP here; the two-process run above
+    # (test_an_imagenet_config_runs_unchanged_under_two_process_ddp) checks the same.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        module = NaturalModule(tiny_cnn(), 3)
+        trainer = quiet_trainer(callbacks=[RobustEvaluation(epsilon=0.1, num_samples=8), _LogsAnEpochTensor()])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.validate(module, DataLoader(tiny_dataset(8), batch_size=4), verbose=False)
+    finally:
+        dist.destroy_process_group()
+    advice = [str(warning.message) for warning in caught if "sync_dist=True" in str(warning.message)]
+    assert any("'val/other'" in message for message in advice), "Lightning's advice, for the control key"
+    assert not any("val/robust/" in message for message in advice), advice
+    assert {"val/robust/natural", "val/robust/pgd20"} <= set(trainer.callback_metrics)

@@ -1,19 +1,22 @@
 """Each private Lightning API that ``freeadv_pl/_lightning_compat.py`` reads still means what the package needs,
-checked against the installed Lightning's own public behaviour."""
+checked against the installed Lightning's own public behaviour (and the CLI parser's subcommand entries)."""
 
 from __future__ import annotations
 
 import csv
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import quiet_trainer, tiny_cnn, tiny_loader
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 from freeadv_pl._lightning_compat import (
     cli_class_path,
+    cli_subcommand_entries,
     count_optimizer_step,
     epoch_to_run,
     resumes_after_last_batch,
@@ -125,3 +128,24 @@ def test_resumes_after_last_batch_is_lightnings_own_reading_of_a_checkpoint(tmp_
         quiet_trainer(max_epochs=2, enable_checkpointing=False).fit(resumed, ckpt_path=tmp_path / checkpoint)
         assert resumed.first == expected_start and resumed.to_run == expected_to_run, checkpoint
         assert resumed.ended == [1] if expected_start[0] == 1 else resumed.ended == [0, 1]
+
+
+
+class _ParserBuilt(Exception):
+    """Stops a LightningCLI once its parser is built, carrying the parser."""
+
+
+def test_cli_subcommand_entries_are_the_help_entries_of_lightning_cli_subcommands():
+    class StopAfterParser(LightningCLI):
+        def setup_parser(self, add_subcommands, main_kwargs, subparser_kwargs):
+            super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+            raise _ParserBuilt(self.parser)
+
+    with pytest.raises(_ParserBuilt) as built:
+        StopAfterParser(LightningModule, args=["fit"], run=True)
+    action, entries = cli_subcommand_entries(built.value.args[0])
+    assert {"fit", "validate", "test", "predict"} <= {entry.dest for entry in entries}
+    assert all(hasattr(entry, "help") for entry in entries) and callable(action.add_subcommand)
+    with pytest.raises(_ParserBuilt) as built:
+        StopAfterParser(LightningModule, args=[], run=False)
+    assert cli_subcommand_entries(built.value.args[0]) is None, "no subcommands without run=True"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -23,6 +25,8 @@ from freeadv_pl.evaluation import EXAMPLES, WORST, AttackSpec, SuiteAttack, _bin
 
 _PREFIX = {"validate": "val", "test": "test"}
 MASKING_GAP = 0.05  # AutoAttack this far below PGD-20 on the same examples: PGD's gradients mislead it
+# Lightning's advice, under DDP, to log an epoch-level tensor with sync_dist=True, for this callback's keys only.
+_SYNC_DIST_ADVICE = r"It is recommended to use `self\.log\('(val|test)/robust/"
 
 
 class RobustEvaluation(Callback):
@@ -152,6 +156,10 @@ class RobustEvaluation(Callback):
         keys = [*(attack.key for attack in suite), WORST]
         summed = _shared.summed(trainer, pl_module.device, [counts[key] for key in (*keys, EXAMPLES)])
         results = {}
+        # The figures are sums over the processes already: sync_dist=True would all-reduce them again for nothing.
+        # Lightning gives its advice to use it when it computes the epoch's metrics, after this hook has returned,
+        # so the filter cannot be scoped to the log call; it matches this advice for these keys only.
+        warnings.filterwarnings("ignore", message=_SYNC_DIST_ADVICE, category=PossibleUserWarning)
         for key, accuracy in zip(keys, summed[:-1] / summed[-1], strict=True):
             results[key] = float(accuracy)
             pl_module.log(f"{_PREFIX[stage]}/robust/{key}", accuracy, prog_bar=key not in ("natural", WORST))
