@@ -11,6 +11,7 @@ from conftest import needs_fashion_mnist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import accuracy_vs_time  # benchmarks/ is a folder of scripts, not a package
+import collapse_signals
 import free_cifar10_run
 import frontier
 import lightning_overhead
@@ -215,3 +216,20 @@ def test_plots_redraws_every_missing_plot_from_the_committed_results(tmp_path):
         assert path.parent == tmp_path and path.stat().st_size > 10_000
         pixels = matplotlib.image.imread(path)[..., :3]
         assert (pixels < 0.9).any(axis=-1).mean() > 0.01, f"{path.name} is blank"
+
+
+@needs_fashion_mnist
+def test_collapse_signals_records_the_gain_and_the_guards_epochs(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        rows = collapse_signals.main(
+            ["--seeds", "0", "--epochs", "2", "--train-size", "256", "--out", str(tmp_path / "cs")]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert [row["run"] for row in rows] == ["collapse", "recipe"]
+    assert all(len(row["attack_gain"]) == len(row["pgd5"]) == 2 for row in rows)
+    assert all(value > 0 for row in rows for value in row["attack_gain"])
+    assert collapse_signals.pgd_guard_epoch([0.5, 0.4, 0.25]) == 2
+    assert collapse_signals.first_below([1.2, 1.0], 1.05) == 1
+    assert "gain < 1.05 first at epoch" in (tmp_path / "cs.md").read_text()

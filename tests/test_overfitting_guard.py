@@ -1,4 +1,5 @@
-"""CatastrophicOverfittingGuard: fires on a collapse of PGD accuracy, restores the best weights, stays quiet otherwise."""
+"""CatastrophicOverfittingGuard: fires on a collapse of PGD accuracy (or of an attack-free signal: the gradient
+alignment, Free-m's attack gain), restores the best weights, stays quiet otherwise."""
 
 from __future__ import annotations
 
@@ -44,9 +45,10 @@ class _Recorder(Callback):
         self.weights.append({key: value.clone() for key, value in pl_module.state_dict().items()})
 
 
-def _fit(module, guard, *more_callbacks, epochs=8, ckpt_path=None, **trainer_kwargs):
+def _fit(module, guard, *more_callbacks, epochs=8, ckpt_path=None, extra_guard=None, **trainer_kwargs):
     loader = DataLoader(banded_dataset(1024), batch_size=128, shuffle=False)
-    trainer = quiet_trainer(max_epochs=epochs, callbacks=[*more_callbacks, guard], **trainer_kwargs)
+    guards = [guard] if extra_guard is None else [guard, extra_guard]
+    trainer = quiet_trainer(max_epochs=epochs, callbacks=[*more_callbacks, *guards], **trainer_kwargs)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
     return trainer
 
@@ -216,3 +218,62 @@ def test_the_alignment_alarm_needs_a_module_that_records_the_alignment():
 def test_an_alignment_threshold_must_be_a_cosine(value):
     with pytest.raises(ValueError, match=r"alignment_threshold must be a cosine in \[-1, 1\]"):
         CatastrophicOverfittingGuard(alignment_threshold=value)
+
+
+class _ScriptedGain(FreeAdversarialModule):
+    """Free-4 whose epoch attack gain is scripted: its δ steps raise the loss, then from ``COLLAPSE_EPOCH`` on stop."""
+
+    def attack_gain(self):
+        return 0.98 if self.current_epoch >= COLLAPSE_EPOCH else 1.2 + 0.01 * self.current_epoch
+
+
+def test_the_gain_alarm_fires_without_an_attack_and_restores_the_last_healthy_epoch(lightning_log):
+    module = _ScriptedGain(tiny_cnn(), 3, replays=4, epsilon=0.01, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    guard, recorder = CatastrophicOverfittingGuard(gain_threshold=1.05), _Recorder()
+    trainer = _fit(module, guard, recorder)
+    assert guard.fired_epoch == COLLAPSE_EPOCH and trainer.current_epoch == COLLAPSE_EPOCH + 1
+    assert guard.history == pytest.approx([1.2, 1.21, 1.22, 1.23, 0.98])
+    assert guard.best_epoch == COLLAPSE_EPOCH - 1 and guard._batch is None, "no batch kept: no attack runs"
+    torch.testing.assert_close(module.state_dict(), recorder.weights[COLLAPSE_EPOCH - 1], rtol=0, atol=0)
+    assert "the attack gain fell to 0.980, below gain_threshold 1.05" in lightning_log.text
+
+
+def test_the_gain_alarm_stays_quiet_on_a_healthy_free_m_run():
+    # On this tiny task the δ steps raise the loss by 2-18 % per batch (1.019 → 1.181 over 6 epochs): the level is
+    # the setting's own, which is why gain_threshold is calibrated per setting (docs/design.md, "The attack gain").
+    module = FreeAdversarialModule(
+        tiny_cnn(), 3, replays=4, epsilon=0.1, step_size=0.05, optimizer=lambda p: torch.optim.SGD(p, lr=0.1)
+    )
+    guard = CatastrophicOverfittingGuard(gain_threshold=1.0)
+    trainer = _fit(module, guard, epochs=6)
+    assert guard.fired_epoch is None and len(guard.history) == 6 and trainer.current_epoch == 6
+    assert min(guard.history) > 1.0 and guard.history[-1] > guard.history[0], guard.history
+
+
+def test_a_gain_guard_and_an_attack_guard_work_side_by_side(tmp_path):
+    module = FreeAdversarialModule(
+        tiny_cnn(), 3, replays=2, epsilon=0.01, optimizer=lambda p: torch.optim.SGD(p, lr=0.1)
+    )
+    on_gain, on_pgd = CatastrophicOverfittingGuard(gain_threshold=0.5), CatastrophicOverfittingGuard()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    _fit(module, on_gain, checkpoints, epochs=2, enable_checkpointing=True, extra_guard=on_pgd)
+    states = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]
+    assert len([key for key in states if "CatastrophicOverfittingGuard" in key]) == 2
+    assert len(on_gain.history) == len(on_pgd.history) == 2
+
+
+def test_the_gain_alarm_needs_free_m():
+    module = FastAdversarialModule(tiny_cnn(), 3, epsilon=0.01)
+    with pytest.raises(ValueError, match=r"attack gain, but FastAdversarialModule recorded none.*gain_threshold=None"):
+        _fit(module, CatastrophicOverfittingGuard(gain_threshold=1.05), epochs=1)
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("inf"), float("nan"), True, "1.05"])
+def test_a_gain_threshold_must_be_a_positive_ratio(value):
+    with pytest.raises(ValueError, match=r"gain_threshold must be a ratio > 0"):
+        CatastrophicOverfittingGuard(gain_threshold=value)
+
+
+def test_one_guard_watches_one_signal():
+    with pytest.raises(ValueError, match="alignment_threshold or gain_threshold, not both"):
+        CatastrophicOverfittingGuard(alignment_threshold=0.2, gain_threshold=1.05)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -35,7 +36,10 @@ class CatastrophicOverfittingGuard(Callback):
     instead (``train/grad_alignment``, the epoch's mean cosine between the input gradient that built each training
     perturbation and the input gradient at the perturbed point; see docs/design.md, "Gradient alignment"). An epoch
     whose alignment falls below the threshold fires it, and the weights of the last epoch at or above it come back.
-    Measured so far, Free-m's collapse does not lower its alignment: guard Free-m with an attack.
+    Free-m's collapse does not lower its alignment. With ``gain_threshold``, the guard watches Free-m's attack gain
+    instead (``train/attack_gain``, the epoch's mean of each batch's last-replay loss over its first-replay loss: its
+    δ steps stop raising the loss when it collapses; docs/design.md, "The attack gain"), and fires on an epoch whose
+    gain falls below the threshold.
 
     Args:
         attack: the attack (:class:`~freeadv_pl.evaluation.AttackSpec` with ``steps`` ≥ 1); by default the
@@ -50,12 +54,14 @@ class CatastrophicOverfittingGuard(Callback):
         alignment_threshold: None: watch the attack's accuracy. A cosine in [−1, 1]: watch the gradient alignment
             (no attack runs, and ``attack``, ``threshold``, ``epsilon``, ``num_samples``, ``model_mode`` and
             ``seed`` are not used), and fire on an epoch whose alignment falls below it.
+        gain_threshold: None, or a ratio > 0 (e.g. 1.05): watch the attack gain as ``alignment_threshold`` watches
+            the alignment. At most one of the two is given.
 
     Raises:
         ValueError: on a ``threshold`` outside (0, 1], an attack with 0 steps, ``num_samples`` < 1, an unknown
-            ``model_mode``, an ``alignment_threshold`` outside [−1, 1], or (at fit start) no ``epsilon`` given to a
-            module that has none; with ``alignment_threshold``, at an epoch's end when the module recorded no
-            alignment.
+            ``model_mode``, an ``alignment_threshold`` outside [−1, 1], a ``gain_threshold`` ≤ 0 or not finite,
+            both thresholds, or (at fit start) no ``epsilon`` given to a module that has none; with either
+            threshold, at an epoch's end when the module recorded no such signal.
         TypeError: when ``attack`` is not an ``AttackSpec``.
 
     Example:
@@ -69,7 +75,8 @@ class CatastrophicOverfittingGuard(Callback):
                     attack: {steps: 5, step_size: 2/255}
                     threshold: 0.2
 
-        The attack-free alarm: ``CatastrophicOverfittingGuard(alignment_threshold=0.2)``.
+        The attack-free alarms: ``CatastrophicOverfittingGuard(alignment_threshold=0.2)``, and for Free-m
+        ``CatastrophicOverfittingGuard(gain_threshold=1.05)``.
     """
 
     def __init__(
@@ -82,7 +89,23 @@ class CatastrophicOverfittingGuard(Callback):
         model_mode: ModelMode = "eval",
         seed: int = 0,
         alignment_threshold: float | None = None,
+        gain_threshold: float | None = None,
     ) -> None:
+        if gain_threshold is not None and (
+            isinstance(gain_threshold, bool)
+            or not isinstance(gain_threshold, (int, float))
+            or not 0 < gain_threshold < math.inf
+        ):
+            raise ValueError(
+                "gain_threshold must be a ratio > 0 (e.g. 1.05: the last replay's loss 5 % above the first's) or None, "
+                f"got {gain_threshold!r}"
+            )
+        if gain_threshold is not None and alignment_threshold is not None:
+            raise ValueError(
+                "give alignment_threshold or gain_threshold, not both: one guard watches one signal (a Trainer can "
+                "hold a second CatastrophicOverfittingGuard for the other)"
+            )
+        self.gain_threshold = None if gain_threshold is None else float(gain_threshold)
         if alignment_threshold is not None and (
             isinstance(alignment_threshold, bool)
             or not isinstance(alignment_threshold, (int, float))
@@ -114,7 +137,7 @@ class CatastrophicOverfittingGuard(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._trainer = trainer
-        if stage == "fit" and self.alignment_threshold is None:
+        if stage == "fit" and self._signal is None:
             _shared.epsilon(self, pl_module, [self.attack])  # fail before training, not after the first epoch
 
     @override
@@ -124,7 +147,7 @@ class CatastrophicOverfittingGuard(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._batch is None and self.alignment_threshold is None:
+        if self._batch is None and self._signal is None:
             x, y = batch[0], batch[1]
             count = x.shape[0] if self.num_samples is None else min(self.num_samples, x.shape[0])
             self._batch = (x[:count].detach().clone(), y[:count].detach().clone())
@@ -133,7 +156,7 @@ class CatastrophicOverfittingGuard(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.fired_epoch is not None:
             return
-        if self.alignment_threshold is not None:
+        if self._signal is not None:
             self._run_alarm(trainer, pl_module)
         elif self._batch is not None:
             self._run_check(trainer, pl_module)
@@ -173,18 +196,39 @@ class CatastrophicOverfittingGuard(Callback):
             f"{self.threshold:.0%}",
         )
 
+    @property
+    def state_key(self) -> str:
+        """The key of this guard's state in checkpoints: one per watched signal, so that a Trainer can hold one
+        guard on an attack and one on each attack-free signal."""
+        signal = self._signal
+        return super().state_key if signal is None else self._generate_state_key(watch=signal[2])
+
+    @property
+    def _signal(self) -> tuple[str, str, str, float] | None:
+        """The attack-free signal watched: (the module's method, its name, the guard's argument, the threshold)."""
+        if self.alignment_threshold is not None:
+            return "grad_alignment", "gradient alignment", "alignment_threshold", self.alignment_threshold
+        if self.gain_threshold is not None:
+            return "attack_gain", "attack gain", "gain_threshold", self.gain_threshold
+        return None
+
     def _run_alarm(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        alignment = pl_module.grad_alignment() if hasattr(pl_module, "grad_alignment") else None
-        if alignment is None:
-            raise ValueError(
-                f"CatastrophicOverfittingGuard(alignment_threshold=...) needs the training module's gradient "
-                f"alignment, but {type(pl_module).__name__} recorded none in epoch {trainer.current_epoch}. Modules "
-                "that attack while training record it (FreeAdversarialModule without cuda_graph, "
-                "FastAdversarialModule, PGDAdversarialModule, NoiseFGSMModule); otherwise watch an attack instead "
-                "(alignment_threshold=None)."
+        method, name, argument, threshold = self._signal
+        value = getattr(pl_module, method)() if hasattr(pl_module, method) else None
+        if value is None:
+            recorders = (
+                "FreeAdversarialModule without cuda_graph, FastAdversarialModule, PGDAdversarialModule, "
+                "NoiseFGSMModule, PriorGuidedFGSMModule"
+                if method == "grad_alignment"
+                else "FreeAdversarialModule with replays >= 2, without cuda_graph"
             )
-        self.history.append(alignment)
-        if alignment >= self.alignment_threshold:  # a healthy epoch: the weights to come back to
+            raise ValueError(
+                f"CatastrophicOverfittingGuard({argument}=...) needs the training module's {name}, but "
+                f"{type(pl_module).__name__} recorded none in epoch {trainer.current_epoch}. Modules that record it: "
+                f"{recorders}; otherwise watch an attack instead ({argument}=None)."
+            )
+        self.history.append(value)
+        if value >= threshold:  # a healthy epoch: the weights to come back to
             self.best_epoch, self.best_step = trainer.current_epoch, trainer.global_step
             self._best_state = _copy(pl_module)
             return
@@ -192,8 +236,7 @@ class CatastrophicOverfittingGuard(Callback):
         self._fire(
             trainer,
             pl_module,
-            f"the gradient alignment fell to {alignment:.3f}, below alignment_threshold {self.alignment_threshold:g} "
-            f"(the last epoch at or above it: {last})",
+            f"the {name} fell to {value:.3f}, below {argument} {threshold:g} (the last epoch at or above it: {last})",
         )
 
     def _fire(self, trainer: Trainer, pl_module: LightningModule, what: str) -> None:

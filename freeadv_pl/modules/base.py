@@ -24,7 +24,7 @@ from freeadv_pl._lightning_compat import count_optimizer_step, resumes_after_las
 from freeadv_pl._step_random import StepRandom
 from freeadv_pl.export import export_classifier
 from freeadv_pl.models.normalization import InputNormalization
-from freeadv_pl.modules._alignment import GradientAlignment
+from freeadv_pl.modules._collapse_signals import AttackGain, GradientAlignment
 from freeadv_pl.modules._cuda_graph import float_learning_rates
 from freeadv_pl.modules._nonfinite import NonFiniteLosses
 from freeadv_pl.modules._step_path import direct_step_blocker
@@ -120,6 +120,7 @@ class ClassifierModule(LightningModule):
         self._nonfinite = NonFiniteLosses(on_nonfinite_loss)
         self._random = StepRandom()
         self._alignment = GradientAlignment()
+        self._attack_gain = AttackGain()
         self.automatic_optimization = False
         self._inputs_checked = False
         self.input_shape: tuple[int, ...] | None = None  # one image's, from the first batch (saved in checkpoints)
@@ -218,6 +219,7 @@ class ClassifierModule(LightningModule):
             self._epoch_to_finish = False
             self.finish_epoch()
             self._alignment.reset()
+            self._attack_gain.reset()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self._inputs_checked:
@@ -278,6 +280,7 @@ class ClassifierModule(LightningModule):
         self.finish_epoch()
         self._nonfinite.end_epoch(self)
         self._alignment.end_epoch(self)
+        self._attack_gain.end_epoch(self)
 
     def grad_alignment(self) -> float | None:
         """This epoch's mean gradient alignment so far (logged at the epoch's end as ``train/grad_alignment``): the
@@ -285,6 +288,13 @@ class ClassifierModule(LightningModule):
         perturbed point, averaged over examples and processes; None for a module that records none. Under several
         processes every process must call it. See docs/design.md, "Gradient alignment"."""
         return self._alignment.epoch_mean(self)
+
+    def attack_gain(self) -> float | None:
+        """This epoch's mean attack gain so far (logged at the epoch's end as ``train/attack_gain``): the training loss
+        at each batch's final perturbation over the loss at its start, averaged over batches and processes; None for a
+        module that records none (Free-m records it: its last replay's loss over its first's). Under several
+        processes every process must call it. See docs/design.md, "The attack gain"."""
+        return self._attack_gain.epoch_mean(self)
 
     def finish_epoch(self) -> None:
         """What the end of a training epoch does to the training state: step an epoch-interval LR scheduler."""
@@ -311,7 +321,8 @@ class ClassifierModule(LightningModule):
 
     def _training_state(self) -> list[Any]:
         kept = self.kept_perturbation()
-        return [self._random, self._alignment] if kept is None else [self._random, self._alignment, kept]
+        signals = [self._random, self._alignment, self._attack_gain]
+        return signals if kept is None else [*signals, kept]
 
     def export(self, path: str | os.PathLike, input_shape: Sequence[int] | None = None) -> dict[str, Path]:
         """Write the model for use without freeadv_pl (:func:`freeadv_pl.export.export_classifier`): a

@@ -26,7 +26,9 @@ class FreeAdversarialModule(ClassifierModule):
     ``δ ← clip(δ + step_size · sign(∇_δ loss), -ε, ε)``. δ is kept across minibatches and epochs (:attr:`delta`), one
     per process, and saved in checkpoints. Free-m for N/m epochs costs what natural training does in N epochs;
     ``trainer.global_step`` counts optimizer steps (m per batch). The design, δ under DDP and resuming are in
-    docs/design.md, "δ, the perturbation Free-m keeps".
+    docs/design.md, "δ, the perturbation Free-m keeps". Without a CUDA graph it logs per epoch ``train/grad_alignment``
+    (consecutive replays' δ gradients) and ``train/attack_gain`` (each batch's last replay's loss over its first's),
+    which :class:`~freeadv_pl.CatastrophicOverfittingGuard` can watch.
 
     Args:
         backbone: any ``nn.Module`` mapping normalized images to logits.
@@ -145,10 +147,14 @@ class FreeAdversarialModule(ClassifierModule):
             loss, logits = self._graph.run(x, y, delta, epsilon, step_size)
         else:
             built = None  # the previous replay's δ gradient, which built this replay's δ
-            for _ in range(self.replays):
+            for replay in range(self.replays):
                 leaf = delta.clone().requires_grad_(True)
                 loss, logits = self.fit_step(torch.clamp(x + leaf, 0.0, 1.0), y)
                 with torch.no_grad():
+                    if replay == 0:
+                        first_loss = loss.detach()
+                    elif replay == self.replays - 1:
+                        self._attack_gain.add(first_loss, loss)
                     if built is not None:
                         self._alignment.add(built, leaf.grad)
                     built = leaf.grad
