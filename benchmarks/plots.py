@@ -9,6 +9,8 @@ results files (``results/*.json``) alone: no training, no torch, seconds on any 
 - ``paper_budget_autoattack.png`` (section 6b): natural, PGD-20 and AutoAttack accuracy of each N = 80 model, the
   CPU models and the H200 run side by side.
 - ``recipe_seeds.png`` (section 9): PGD-20 accuracy of each shipped recipe at each seed, with the mean and range.
+- ``collapse_signals_cpu.png`` (section 11): per epoch, Free-4's attack gain (with the alarm's threshold) and the PGD
+  guard's accuracy, for the seeded runs that collapse and the shipped recipe's.
 
 The scripts' own plots (``accuracy_vs_time.py``: section 3; ``paper_budget.py``: sections 6 and 6a; ``frontier.py``:
 means only) are written by those scripts when they run.
@@ -254,10 +256,50 @@ def plot_recipe_seeds(results: Path, out: Path) -> Path:
     return _save(figure, out / "recipe_seeds.png")
 
 
+def plot_collapse_signals(results: Path, out: Path) -> Path:
+    """Section 11: the attack gain and the PGD guard's accuracy per epoch, collapsing and healthy runs, every seed."""
+    path = results / "collapse_signals_cpu.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path.name} of section 11 in {results}: run benchmarks/collapse_signals.py")
+    data = _load(path)
+    threshold = data["machine"]["arguments"]["gain_threshold"]
+    figure, (gain_axis, pgd_axis) = plt.subplots(1, 2, figsize=(12, 4.6))
+    colours = {"collapse": "tab:red", "recipe": "tab:blue"}
+    names = {
+        "collapse": "Free-4, per-example δ, ε_step = ε, lr 0.05 (collapses)",
+        "recipe": "the shipped Free-4 recipe (healthy)",
+    }
+    labelled: set[str] = set()
+    for row in data["rows"]:
+        label = None if row["run"] in labelled else names[row["run"]]
+        labelled.add(row["run"])
+        epochs = range(len(row["attack_gain"]))
+        style = {"color": colours[row["run"]], "marker": "o", "alpha": 0.8}
+        gain_axis.plot(epochs, row["attack_gain"], label=label, **style)
+        pgd_axis.plot(epochs, [100 * value for value in row["pgd5"]], label=label, **style)
+    gain_axis.axhline(threshold, color="gray", linestyle=":", label=f"gain_threshold {threshold:g}")
+    gain_axis.set(xlabel="epoch", ylabel="train/attack_gain (last replay's loss / first's)")
+    gain_axis.set_title("Free-4's attack gain per epoch (no attack run)", fontsize=9)
+    pgd_axis.set(xlabel="epoch", ylabel="PGD-5 accuracy (%), ε = 0.1", ylim=(0, 100))
+    pgd_axis.set_title("The PGD guard: PGD-5 (CE, step ε/4, 1 random start) on its training batch", fontsize=9)
+    for axis in (gain_axis, pgd_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.suptitle(
+        "Attack-free alarm for Free-m's collapse: Fashion-MNIST, SmallCNN, 5,000 images, seeds "
+        f"{', '.join(str(seed) for seed in data['machine']['arguments']['seeds'])}\n"
+        f"{_device(data['machine'])}; {_dates(data['machine'])}",
+        fontsize=9,
+    )
+    figure.tight_layout()
+    return _save(figure, out / "collapse_signals_cpu.png")
+
+
 PLOTS = {
     "frontier_cpu_N32_seeds.png": plot_frontier,
     "paper_budget_autoattack.png": plot_autoattack,
     "recipe_seeds.png": plot_recipe_seeds,
+    "collapse_signals_cpu.png": plot_collapse_signals,
 }
 
 
