@@ -1,5 +1,6 @@
-"""The gradient alignment every attacking module logs per epoch (``train/grad_alignment``), against hand computations
-of the cosine on a small model, and its place in checkpoints."""
+"""The attack-free collapse signals the training modules log per epoch: the gradient alignment every attacking module
+logs (``train/grad_alignment``) and Free-m's attack gain (``train/attack_gain``), against hand computations on a small
+model, and their place in checkpoints."""
 
 from __future__ import annotations
 
@@ -29,14 +30,17 @@ def _cosines(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 
 
 class _EpochAlignment(Callback):
+    """Each epoch's alignment (``values``) and attack gain (``gains``), read before the module logs and resets them."""
+
     def __init__(self) -> None:
-        self.values = []
+        self.values, self.gains = [], []
 
     def on_train_epoch_end(self, trainer, module):
         self.values.append(module.grad_alignment())
+        self.gains.append(module.attack_gain())
 
 
-def test_free_m_alignment_is_the_cosine_between_consecutive_replays_delta_gradients():
+def test_free_m_alignment_and_gain_are_the_replays_cosines_and_last_over_first_losses():
     replays, step_size = 3, 0.03
     backbone = tiny_cnn()
     reference = copy.deepcopy(backbone)
@@ -45,24 +49,27 @@ def test_free_m_alignment_is_the_cosine_between_consecutive_replays_delta_gradie
     trainer = quiet_trainer(max_epochs=1, callbacks=[recorder])
     trainer.fit(module, train_dataloaders=tiny_loader())  # batches of 4, 4 and 2
 
-    optimizer, delta, cosines = _sgd(reference.parameters()), None, []
+    optimizer, delta, cosines, gains = _sgd(reference.parameters()), None, [], []
     for x, y in tiny_loader():
         delta = torch.zeros_like(x) if delta is None else delta
-        previous = None
+        previous, losses = None, []
         for _ in range(replays):
             leaf = delta[: x.shape[0]].clone().requires_grad_(True)
             loss = F.cross_entropy(reference((x + leaf).clamp(0, 1)), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            losses.append(loss.item())
             if previous is not None:
                 cosines.append(_cosines(previous, leaf.grad))
             previous = leaf.grad.clone()
             delta[: x.shape[0]] = (leaf + step_size * leaf.grad.sign()).clamp(-EPSILON, EPSILON).detach()
-    expected = torch.cat(cosines).mean().item()
-    assert len(torch.cat(cosines)) == 10 * (replays - 1)
-    assert recorder.values == [pytest.approx(expected, abs=1e-6)]
+        gains.append(losses[-1] / losses[0])  # the attack gain: each batch's last replay's loss over its first's
+    expected, gain = torch.cat(cosines).mean().item(), sum(gains) / len(gains)
+    assert len(torch.cat(cosines)) == 10 * (replays - 1) and gain != pytest.approx(1.0, abs=1e-3)
+    assert recorder.values == [pytest.approx(expected, abs=1e-6)] and recorder.gains == [pytest.approx(gain, abs=1e-6)]
     assert trainer.callback_metrics["train/grad_alignment"].item() == pytest.approx(expected, abs=1e-6)
+    assert trainer.callback_metrics["train/attack_gain"].item() == pytest.approx(gain, abs=1e-6)
 
 
 def test_fgsm_rs_alignment_is_the_cosine_between_the_attack_gradient_and_the_gradient_at_the_adversarial_batch():
@@ -131,22 +138,46 @@ def test_natural_training_records_no_alignment():
     assert module.grad_alignment() is None and "train/grad_alignment" not in trainer.callback_metrics
 
 
-def test_a_mid_epoch_checkpoint_keeps_the_epochs_sums(tmp_path):
-    """Resumed after its second batch, the epoch's alignment is the uninterrupted run's (all three batches)."""
-
-    def make():
-        return FastAdversarialModule(tiny_cnn(), 3, epsilon=EPSILON, optimizer=_sgd)
+@pytest.mark.parametrize(
+    ("make", "steps_per_batch"),
+    [
+        (lambda: FastAdversarialModule(tiny_cnn(), 3, epsilon=EPSILON, optimizer=_sgd), 1),
+        (lambda: FreeAdversarialModule(tiny_cnn(), 3, replays=3, epsilon=EPSILON, step_size=0.03, optimizer=_sgd), 3),
+    ],
+    ids=["fgsm-rs", "free-m3"],
+)
+def test_a_mid_epoch_checkpoint_keeps_the_epochs_sums(tmp_path, make, steps_per_batch):
+    """Resumed after its second batch, the epoch's signals are the uninterrupted run's (all three batches)."""
 
     def loader():  # resumable: the resumed epoch goes on with the batches that were left
         return StatefulDataLoader(tiny_dataset(10), batch_size=4, shuffle=False)
 
     straight = _EpochAlignment()
-    every_two_steps = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
-    quiet_trainer(max_epochs=1, callbacks=[straight, every_two_steps], enable_checkpointing=True).fit(
+    two_batches = 2 * steps_per_batch
+    every_two_batches = ModelCheckpoint(
+        dirpath=tmp_path, every_n_train_steps=two_batches, save_top_k=-1, filename="{step}"
+    )
+    quiet_trainer(max_epochs=1, callbacks=[straight, every_two_batches], enable_checkpointing=True).fit(
         make(), train_dataloaders=loader()
     )
     resumed = _EpochAlignment()
     quiet_trainer(max_epochs=1, callbacks=[resumed]).fit(
-        make(), train_dataloaders=loader(), ckpt_path=tmp_path / "step=2.ckpt"
+        make(), train_dataloaders=loader(), ckpt_path=tmp_path / f"step={two_batches}.ckpt"
     )
     assert resumed.values == [pytest.approx(straight.values[0], abs=1e-9)]
+    gain = straight.gains[0]
+    assert resumed.gains == [None if gain is None else pytest.approx(gain, abs=1e-9)]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: FreeAdversarialModule(tiny_cnn(), 3, replays=1, epsilon=EPSILON, optimizer=_sgd),
+        lambda: FastAdversarialModule(tiny_cnn(), 3, epsilon=EPSILON, optimizer=_sgd),
+    ],
+    ids=["free-m1", "fgsm-rs"],
+)
+def test_only_free_m_with_several_replays_records_a_gain(make):
+    trainer = quiet_trainer(max_epochs=1, callbacks=[recorder := _EpochAlignment()])
+    trainer.fit(make(), train_dataloaders=tiny_loader())
+    assert recorder.gains == [None] and "train/attack_gain" not in trainer.callback_metrics
