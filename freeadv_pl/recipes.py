@@ -182,8 +182,7 @@ def shipped_recipes(dataset: str | None = None) -> list[Recipe]:
         >>> [name for name, recipe in recipes.items() if recipe.overlay]
         ['fashion_mnist/quick.yaml']
         >>> print(textwrap.fill(recipes["fashion_mnist/natural.yaml"].description, 100))
-        Natural training, the cost reference: 12 epochs = 5,160 optimizer steps, as many forward/backward
-        passes as Free-4 for 3 epochs.
+        Natural training on Fashion-MNIST, the cost reference: 12 epochs.
     """
     root = recipes_dir()
     folder = root if dataset is None else root / dataset

@@ -139,9 +139,12 @@ def test_paper_budget_runs_on_a_tiny_size_and_merges_its_parts(tmp_path):
     # The budget rule: natural 8 epochs, Free-8 1 epoch, FGSM-RS 4: the same passes; PGD-7 8× them.
     assert first[0]["passes"] == first[1]["passes"] == second[0]["passes"] == second[1]["passes"] // 8
     assert all(0 <= row[key] <= 100 for row in first + second for key in ("validation_pgd10", "PGD-20", "CW-20"))
-    merged = paper_budget.main(
-        ["--merge", str(tmp_path / "b.json"), str(tmp_path / "a.json"), "--out", str(tmp_path / "m")]
-    )
+    try:
+        merged = paper_budget.main(
+            ["--merge", str(tmp_path / "b.json"), str(tmp_path / "a.json"), "--out", str(tmp_path / "m")]
+        )
+    finally:
+        torch.set_num_threads(threads)
     assert [row["method"] for row in merged] == [*names, "FGSM-RS", "PGD-7"]
     assert merged[0]["cost_vs_natural"] == 1.0 and merged[-1]["cost_vs_natural"] > 1
     saved = json.loads((tmp_path / "m.json").read_text())
@@ -149,7 +152,10 @@ def test_paper_budget_runs_on_a_tiny_size_and_merges_its_parts(tmp_path):
     assert "| Free-8 example, step 0.5ε, noise 1 | 1 |" in (tmp_path / "m.md").read_text()
     assert "AutoAttack, standard version" in (tmp_path / "m.md").read_text()
     # --models: a second run loads the trained models instead of training them, and scores them alike.
-    again = paper_budget.main([*sizes, "--methods", "FGSM-RS", "--out", str(tmp_path / "c")])
+    try:
+        again = paper_budget.main([*sizes, "--methods", "FGSM-RS", "--out", str(tmp_path / "c")])
+    finally:
+        torch.set_num_threads(threads)
     assert again[0]["cpu_minutes"] == second[0]["cpu_minutes"] and again[0]["PGD-20"] == second[0]["PGD-20"]
     assert (tmp_path / "m.png").stat().st_size > 10_000
 

@@ -9,6 +9,8 @@ import random
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -163,12 +165,16 @@ def test_the_command_line_stops_on_sigterm_and_resumes_with_ckpt_path_last(tmp_p
     command += ["--config", str(configs / "quick.yaml"), "--data.init_args.data_dir", "data", "--ckpt_path", "last"]
     command += ["--trainer.default_root_dir", "run", "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "8"]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = ""
-    while "Epoch 1:" not in seen and process.poll() is None:  # the progress bar: epoch 0 is done
-        seen += process.stdout.read(64)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.append(process.stdout.read()), daemon=True)
+    reader.start()  # drained all along, so that a full pipe never blocks the run
+    # Epoch 0 is done once its last.ckpt is written (whatever progress bar Lightning picks: rich or tqdm).
+    while process.poll() is None and not any((tmp_path / "run").rglob("last.ckpt")):
+        time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
-    seen += process.stdout.read()
-    assert process.wait(timeout=300) == 128 + 15, seen[-4000:]
+    returncode = process.wait(timeout=300)
+    reader.join(timeout=60)
+    assert returncode == 128 + 15, "".join(output)[-4000:]
     checkpoint = next((tmp_path / "run").rglob("last-preempted.ckpt"))
     stopped_at = torch.load(checkpoint, weights_only=True)["global_step"]
     assert 8 * 4 <= stopped_at < 3 * 8 * 4 and stopped_at % 4 == 0  # in epoch 1 or 2, after a whole batch of Free-4
