@@ -11,6 +11,27 @@ import numbers
 from fractions import Fraction
 
 
+def as_number(value: float | str, name: str, expected: str) -> float:
+    """Return ``value`` as a float, accepting numbers and fraction strings like ``"8/255"``; ``expected`` describes the
+    valid values in the message (the range is the caller's to check).
+
+    Example:
+        >>> as_number("8/255", "epsilon", "a number ≥ 0") == 8 / 255
+        True
+    """
+    wanted = f"{name} must be {expected}, as a number or a fraction string like '8/255', got {value!r}"
+    if isinstance(value, bool):
+        raise TypeError(wanted)
+    if isinstance(value, str):
+        try:
+            return float(Fraction(value.strip()))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(wanted) from None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(wanted)
+
+
 def as_pixel_fraction(value: float | str, name: str, *, allow_zero: bool = True) -> float:
     """Return ``value`` as a float in [0, 1] pixel units, accepting numbers and strings like ``"8/255"``.
 
@@ -20,19 +41,7 @@ def as_pixel_fraction(value: float | str, name: str, *, allow_zero: bool = True)
         >>> as_pixel_fraction(0.1, "epsilon")
         0.1
     """
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a number in [0, 1] or a fraction string like '8/255', got {value!r}")
-    if isinstance(value, str):
-        try:
-            number = float(Fraction(value.strip()))
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(
-                f"{name} must be a number in [0, 1] or a fraction string like '8/255', got {value!r}"
-            ) from None
-    elif isinstance(value, numbers.Real):
-        number = float(value)
-    else:
-        raise TypeError(f"{name} must be a number in [0, 1] or a fraction string like '8/255', got {value!r}")
+    number = as_number(value, name, "a number in [0, 1]")
     low_ok = number >= 0 if allow_zero else number > 0
     if not (low_ok and number <= 1):
         bound = "[0, 1]" if allow_zero else "(0, 1]"

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from freeadv_pl._checks import as_pixel_fraction, check_choice, check_int
 from freeadv_pl._modes import temporary_mode
-from freeadv_pl.attacks import _project
+from freeadv_pl.threat_models import threat_model
 
 __all__ = ["AutoAttackSpec"]
 
@@ -139,7 +139,7 @@ class AutoAttackSpec:
                 if index.numel() == 0:
                     break
                 attack = build(model, epsilon, seed + number)
-                candidate = _project(attack(x[index], y[index]).to(device, x.dtype), x[index], epsilon)
+                candidate = threat_model("linf").project_images(attack(x[index], y[index]).to(device, x.dtype), x[index], epsilon)
                 with torch.no_grad():
                     broken = model(candidate).argmax(dim=1) != y[index]
                 x_adv[index[broken]] = candidate[broken]
