@@ -35,6 +35,8 @@ class ThreatModel:
     norm: str
     symbol: str
     torchattacks_norm: str
+    max_radius: float
+    """The largest radius or step size :meth:`radius` accepts."""
 
     def radius(self, value: float | str, name: str = "epsilon", *, allow_zero: bool = True) -> float:
         """``value`` (a number or a string like ``"8/255"``) as a radius or step size of this norm; a ``ValueError``
@@ -82,6 +84,7 @@ class LInf(ThreatModel):
     norm = "linf"
     symbol = "L∞"
     torchattacks_norm = "Linf"
+    max_radius = 1.0  # a larger radius allows every image
 
     def radius(self, value: float | str, name: str = "epsilon", *, allow_zero: bool = True) -> float:
         return as_pixel_fraction(value, name, allow_zero=allow_zero)
@@ -113,6 +116,7 @@ class L2(ThreatModel):
     norm = "l2"
     symbol = "L2"
     torchattacks_norm = "L2"
+    max_radius = math.inf
 
     def radius(self, value: float | str, name: str = "epsilon", *, allow_zero: bool = True) -> float:
         bound = "≥ 0" if allow_zero else "> 0"
