@@ -41,10 +41,10 @@ def signal_at(module_class: type, step: int | None) -> type:
     """``module_class`` that sends itself SIGTERM just before optimizer step ``step`` (inside a batch's replays)."""
 
     class Signalled(module_class):
-        def fit_step(self, inputs, y):
+        def fit_step(self, inputs, y, *args, **kwargs):
             if self.trainer.global_step == step:
                 os.kill(os.getpid(), signal.SIGTERM)
-            return super().fit_step(inputs, y)
+            return super().fit_step(inputs, y, *args, **kwargs)
 
     return Signalled
 

@@ -101,9 +101,9 @@ def test_matches_the_reference_nfgsm_loop_after_one_and_after_several_steps(atta
 class _Recording(NoiseFGSMModule):
     """Keeps every batch the optimizer steps on."""
 
-    def fit_step(self, inputs, y):
+    def fit_step(self, inputs, y, *args, **kwargs):
         self.seen = [*getattr(self, "seen", []), inputs.detach().clone()]
-        return super().fit_step(inputs, y)
+        return super().fit_step(inputs, y, *args, **kwargs)
 
 
 @pytest.mark.parametrize("clip", [None, 0.05])

@@ -1,15 +1,14 @@
-"""Free-m's replay captured in one CUDA graph: ``FreeAdversarialModule(cuda_graph=True)``."""
+"""A training step captured in one CUDA graph and replayed: ``FreeAdversarialModule(cuda_graph=True)``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.optim import Optimizer
 
-from freeadv_pl.modules._perturbation import step_delta
 from freeadv_pl.modules._step_path import direct_step_blocker
 
 if TYPE_CHECKING:
@@ -44,40 +43,64 @@ def graph_blocker(module: FreeAdversarialModule, base: type[LightningModule]) ->
 
 
 class ReplayGraph:
-    """One Free-m replay captured once and replayed m times per batch, the batch copied into static buffers
-    (docs/design.md, "The replay in a CUDA graph"); :meth:`fits` says whether a batch has the captured shape."""
+    """A training step captured once in a CUDA graph and replayed, its inputs copied into static buffers
+    (docs/design.md, "The replay in a CUDA graph"). It knows nothing of the algorithm: ``step(*inputs)`` is the
+    module's own eager step (Free-m's replay), ``after(outputs)`` the module's host-side bookkeeping after each
+    replay, and ``updated`` the positions of the inputs the step writes into, copied back after each batch.
 
-    def __init__(self, module: FreeAdversarialModule) -> None:
-        self.module = module
-        self.optimizer: Optimizer = module.optimizers(use_pl_optimizer=False)
+    Args:
+        optimizer: the (unwrapped) optimizer ``step`` steps, whose learning rates become device tensors.
+        step: takes the static inputs and returns a tuple of tensors.
+        after: called with the outputs after every replay.
+        updated: indices of the tensor inputs ``step`` updates in place.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        step: Callable[..., tuple[Tensor, ...]],
+        after: Callable[[tuple[Tensor, ...]], None],
+        updated: Sequence[int] = (),
+    ) -> None:
+        self.optimizer = optimizer
+        self.step = step
+        self.after = after
+        self.updated = tuple(updated)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.inputs: list[Tensor] = []  # x, y, δ, ε, ε_step: what each batch copies in
-        self.outputs: tuple[Tensor, Tensor, Tensor] | None = None  # loss, logits, finiteness flag
+        self.inputs: list[Tensor] = []  # the static inputs each batch copies into
+        self.outputs: tuple[Tensor, ...] = ()
         self.hyperparameters: list[dict[str, Any]] = []
         self.grads: list[Tensor | None] = []
 
     def fits(self, x: Tensor) -> bool:
+        """Whether a batch whose first input is ``x`` has the captured shape and dtype."""
         return not self.inputs or (self.inputs[0].shape == x.shape and self.inputs[0].dtype == x.dtype)
 
-    def run(self, x: Tensor, y: Tensor, delta: Tensor, epsilon: float, step_size: float) -> tuple[Tensor, Tensor]:
-        """The batch's m replays; ``delta`` is updated in place. Returns the last replay's loss and logits."""
+    def run(self, inputs: Sequence[Tensor | float], times: int) -> tuple[Tensor, ...]:
+        """``times`` replays of the step on ``inputs`` (numbers become 0-dim tensors on the first tensor's device).
+        Returns copies of the last replay's outputs."""
+        device = next(value for value in inputs if isinstance(value, Tensor)).device
         if not self.inputs:
-            self.inputs = [x.clone(), y.clone(), delta.clone(), x.new_tensor(epsilon), x.new_tensor(step_size)]
+            self.inputs = [
+                value.clone() if isinstance(value, Tensor) else torch.tensor(float(value), device=device)
+                for value in inputs
+            ]
             for group in self.optimizer.param_groups:
                 if not isinstance(group["lr"], Tensor):
-                    group["lr"] = torch.tensor(float(group["lr"]), device=x.device)
+                    group["lr"] = torch.tensor(float(group["lr"]), device=device)
             self.hyperparameters = _fixed_hyperparameters(self.optimizer)
-        for static, value in zip(self.inputs, (x, y, delta), strict=False):
-            static.copy_(value)
-        self.inputs[3].fill_(epsilon)
-        self.inputs[4].fill_(step_size)
-        done = 0 if self.graph is not None else self._warm_up_and_capture()
-        for _ in range(done, self.module.replays):
+        for static, value in zip(self.inputs, inputs, strict=True):
+            if isinstance(value, Tensor):
+                static.copy_(value)
+            else:
+                static.fill_(value)
+        done = 0 if self.graph is not None else self._warm_up_and_capture(times)
+        for _ in range(done, times):
             self.graph.replay()
             self._after_replay()
-        delta.copy_(self.inputs[2])
-        loss, logits, _ = self.outputs
-        return loss.clone(), logits.clone()
+        for index in self.updated:
+            inputs[index].copy_(self.inputs[index])
+        return tuple(output.clone() for output in self.outputs)
 
     def restore_gradients(self) -> None:
         """Point each parameter's ``.grad`` at the captured gradient again (after an eager batch replaced it)."""
@@ -86,45 +109,31 @@ class ReplayGraph:
         for parameter, grad in zip(self._parameters(), self.grads, strict=True):
             parameter.grad = grad
 
-    def _warm_up_and_capture(self) -> int:
-        warmup = min(WARMUP_REPLAYS, self.module.replays)
+    def _warm_up_and_capture(self, times: int) -> int:
+        warmup = min(WARMUP_REPLAYS, times)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(warmup):
-                self._replay()
+                self.outputs = self.step(*self.inputs)
                 self._after_replay()
         torch.cuda.current_stream().wait_stream(stream)
         self.optimizer.zero_grad(set_to_none=True)  # the capture allocates the gradients it writes
         self.graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # loader threads may use CUDA
-                self._replay()
+                self.outputs = self.step(*self.inputs)
         except RuntimeError as error:
             raise RuntimeError(
-                f"capturing Free-m's replay in a CUDA graph failed ({error}): an operation of the model or the "
-                "optimizer cannot be captured (a host synchronisation, a data-dependent shape). Set cuda_graph=False."
+                f"capturing the training step in a CUDA graph failed ({error}): an operation of the model, the loss "
+                "or the optimizer cannot be captured (a host synchronisation, a data-dependent shape). Set "
+                "cuda_graph=False."
             ) from error
         self.grads = [parameter.grad for parameter in self._parameters()]
         return warmup
 
-    def _replay(self) -> None:
-        x, y, delta, epsilon, step_size = self.inputs
-        module = self.module
-        self.optimizer.zero_grad(set_to_none=True)
-        leaf = delta.clone().requires_grad_(True)
-        logits = module.model(torch.clamp(x + leaf, 0.0, 1.0))
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
-        finite = torch.isfinite(loss.detach())
-        module.on_before_optimizer_step(self.optimizer)
-        self.optimizer.step()
-        with torch.no_grad():
-            step_delta(leaf, step_size, epsilon, finite if module._nonfinite.guard_updates else None, delta)
-        self.outputs = (loss.detach(), logits.detach(), finite)
-
     def _after_replay(self) -> None:
-        self.module._after_optimizer_step(self.outputs[2].clone())
+        self.after(self.outputs)
         if _fixed_hyperparameters(self.optimizer) != self.hyperparameters:
             raise ValueError(
                 "cuda_graph=True holds the optimizer's hyperparameters other than the learning rate fixed, but the LR "

@@ -120,19 +120,3 @@ def _world_size_message(saved: int, current: int) -> str:
         f"the checkpoint holds the perturbation δ_r of {saved} process(es) but this run has {current}: {effect}. "
         f"For an exact continuation, resume with {saved} process(es) (devices × num_nodes)."
     )
-
-
-def step_delta(
-    leaf: Tensor, step_size: float | Tensor, epsilon: float | Tensor, ok: Tensor | None, out: Tensor
-) -> None:
-    """Algorithm 2's δ update into ``out``: ``clip(δ + step_size · sign(∇δ), -ε, ε)`` from the replay's leaf δ and its
-    gradient, or δ unchanged where the device flag ``ok`` is False (``torch.where``: no host synchronisation).
-    ``step_size`` and ``epsilon`` are numbers, or 0-dim tensors inside a CUDA graph."""
-    grad = leaf.grad
-    if ok is not None:
-        ok = ok & torch.isfinite(grad).all()
-    if isinstance(step_size, Tensor):
-        stepped = torch.addcmul(leaf, grad.sign(), step_size).clamp_(-epsilon, epsilon)
-    else:
-        stepped = torch.add(leaf, grad.sign(), alpha=step_size).clamp_(-epsilon, epsilon)
-    out.copy_(stepped if ok is None else torch.where(ok, stepped, leaf))

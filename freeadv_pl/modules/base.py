@@ -23,6 +23,7 @@ from freeadv_pl._checks import check_choice, check_int, check_positive
 from freeadv_pl._lightning_compat import count_optimizer_step, resumes_after_last_batch, should_update_logs
 from freeadv_pl._step_random import StepRandom
 from freeadv_pl.export import export_classifier
+from freeadv_pl.losses import CrossEntropy, TrainingLoss
 from freeadv_pl.models.normalization import InputNormalization
 from freeadv_pl.modules._collapse_signals import AttackGain, GradientAlignment
 from freeadv_pl.modules._cuda_graph import float_learning_rates
@@ -121,6 +122,7 @@ class ClassifierModule(LightningModule):
         self._random = StepRandom()
         self._alignment = GradientAlignment()
         self._attack_gain = AttackGain()
+        self.training_loss: TrainingLoss = CrossEntropy()  # the adversarial modules take loss="ce" | "trades"
         self.automatic_optimization = False
         self._inputs_checked = False
         self.input_shape: tuple[int, ...] | None = None  # one image's, from the first batch (saved in checkpoints)
@@ -244,19 +246,41 @@ class ClassifierModule(LightningModule):
         self._evaluate(batch, "test", self.test_accuracy)
 
     def fit_step(
-        self, inputs: Tensor, y: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
+        self,
+        inputs: Tensor,
+        y: Tensor,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        *,
+        clean: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """One optimizer step on ``loss_fn(model(inputs), y)``, CE by default (and the LR scheduler's, per step); its
-        one backward also fills the gradients of other leaves (a perturbation δ). Returns the loss and the logits,
-        still attached to the graph. See docs/design.md, "The direct optimizer step", for the two paths it takes."""
+        """One optimizer step on the module's training loss at ``inputs`` (and the LR scheduler's, per step); its one
+        backward also fills the gradients of other leaves (a perturbation δ). ``clean`` is the clean batch, which a
+        loss that reads the clean logits (TRADES) runs the model on first; ``loss_fn(logits, y)`` replaces the
+        training loss. Returns the loss and the adversarial logits, still attached to the graph. See docs/design.md,
+        "The direct optimizer step", for the two paths it takes."""
+        loss, logits = self._optimizer_step(inputs, y, loss_fn, clean=clean)
+        self._after_optimizer_step(torch.isfinite(loss.detach()))
+        return loss, logits
+
+    def _optimizer_step(
+        self,
+        inputs: Tensor,
+        y: Tensor,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        *,
+        clean: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`fit_step` without its host-side bookkeeping (the step count, the scheduler): what a CUDA graph
+        captures."""
         optimizer = self._step_optimizer or self.optimizers()
+        clean_logits = self(clean) if clean is not None and self.training_loss.needs_clean else None
         logits = self(inputs)
         if logits.shape[-1] != self.num_classes:
             raise ValueError(
                 f"the backbone outputs {logits.shape[-1]} logits but num_classes={self.num_classes}: set the "
                 "backbone's num_classes to the dataset's number of classes."
             )
-        loss = loss_fn(logits, y)
+        loss = self.training_loss(logits, y, clean_logits) if loss_fn is None else loss_fn(logits, y)
         optimizer.zero_grad()
         if self._direct_step:
             loss.backward()
@@ -265,7 +289,6 @@ class ClassifierModule(LightningModule):
         else:
             self.manual_backward(loss)
             optimizer.step()
-        self._after_optimizer_step(torch.isfinite(loss.detach()))
         return loss, logits
 
     def _after_optimizer_step(self, finite: Tensor) -> None:
@@ -429,6 +452,21 @@ def _attached_trainer(module: LightningModule) -> Trainer | None:
 
 def _lineage(module_class: type) -> list[str]:
     return [f"{c.__module__}.{c.__qualname__}" for c in module_class.__mro__ if issubclass(c, ClassifierModule)]
+
+
+def refuse_options(module: str, given: dict[str, Any], options: dict[str, str]) -> None:
+    """Raise a ``ValueError`` when ``given`` (a module's keyword arguments) holds one of ``options``, an option the
+    module ``module`` does not have, with the option's advice (``options[name]``) as the fix."""
+    for name, advice in options.items():
+        if name in given:
+            raise ValueError(f"{module} does not take {name}={given[name]!r}: {advice}")
+
+
+TRADES_ELSEWHERE = (
+    "TRADES and the other training losses are options of FreeAdversarialModule, PGDAdversarialModule and "
+    "FastAdversarialModule (loss='trades', trades_beta=6.0)."
+)
+"""The advice of a module without a ``loss`` option."""
 
 
 def check_trainer_for_manual_optimization(trainer: Trainer) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -12,10 +13,12 @@ from torch import Tensor
 
 from freeadv_pl._checks import as_pixel_fraction, check_choice, check_int
 from freeadv_pl.data.batch import unpack_batch
+from freeadv_pl.losses import TrainingLoss, training_loss
 from freeadv_pl.modules._cuda_graph import ReplayGraph, graph_blocker
 from freeadv_pl.modules._delta_bank import PerturbationBank, require_index, training_set_shape
-from freeadv_pl.modules._perturbation import StoredPerturbation, step_delta
+from freeadv_pl.modules._perturbation import StoredPerturbation
 from freeadv_pl.modules.base import ClassifierModule
+from freeadv_pl.threat_models import threat_model
 
 
 class FreeAdversarialModule(ClassifierModule):
@@ -23,7 +26,10 @@ class FreeAdversarialModule(ClassifierModule):
     backward pass gives both the weight gradient (for one optimizer step) and the gradient of the perturbation δ.
 
     Per replay: ``x_adv = clamp(x + δ[:B], 0, 1)``; ``loss = CE(f(x_adv), y)``; one backward; the optimizer steps;
-    ``δ ← clip(δ + step_size · sign(∇_δ loss), -ε, ε)``. δ is kept across minibatches and epochs (:attr:`delta`), one
+    ``δ ← clip(δ + step_size · sign(∇_δ loss), -ε, ε)``. In L2 (``norm="l2"``) δ's step is ``step_size · ∇ / ‖∇‖₂``
+    and its projection onto the L2 ball, per image. With ``loss="trades"`` each replay also runs the model on the clean
+    batch and the loss is TRADES's ``CE(f(x), y) + β · KL(f(x) ‖ f(x_adv))``: δ enters only through the KL term, so the
+    same single backward steps δ up TRADES's inner objective. δ is kept across minibatches and epochs (:attr:`delta`), one
     per process, and saved in checkpoints. Free-m for N/m epochs costs what natural training does in N epochs;
     ``trainer.global_step`` counts optimizer steps (m per batch). The design, δ under DDP and resuming are in
     docs/design.md, "δ, the perturbation Free-m keeps". Without a CUDA graph it logs per epoch ``train/grad_alignment``
@@ -34,15 +40,20 @@ class FreeAdversarialModule(ClassifierModule):
         backbone: any ``nn.Module`` mapping normalized images to logits.
         num_classes: number of classes; None: the DataModule's.
         replays: m, the number of replays of each minibatch (≥ 1).
-        epsilon: the L∞ bound ε of δ, in pixel units (a float or a string like ``"8/255"``).
+        epsilon: the bound ε of δ in the threat model's norm, in pixel units (a float or a string like ``"8/255"``).
         step_size: the δ step ε_step; None means ε, as in the paper.
+        norm: the threat model, ``"linf"`` (the paper's) or ``"l2"`` (:mod:`freeadv_pl.threat_models`).
+        loss: the training loss, ``"ce"`` (the paper's) or ``"trades"``, or a
+            :class:`~freeadv_pl.losses.TrainingLoss` of your own.
+        trades_beta: β of TRADES (the authors' 6.0); used with ``loss="trades"``.
         delta_memory: ``"batch"``: δ belongs to a position in the batch, as in the paper. ``"example"``: one δ per
             training image (a bank, :attr:`delta`), which comes back with its image the next epoch; the batches must be
             ``(x, y, index)`` (``VisionDataModule(return_index=True)``). See docs/design.md, "Two memories".
         delta_bank: where the bank lives: ``"device"`` (the training device) or ``"cpu"`` (host memory, pinned on a
             GPU run; each batch's rows travel to the device and back). Checked to fit before training.
-        delta_start_noise: ρ; at each batch's start, δ ← clip(δ + ρ·ε·U(−1, 1), −ε, ε), a random restart mixed into
-            the stored δ (0: off).
+        delta_start_noise: ρ; at each batch's start, δ ← Π(δ + ρ·ε·u), u the threat model's random start in the unit
+            ball (U(−1, 1) per pixel in L∞) and Π the projection onto the ε-ball: a random restart mixed into the
+            stored δ (0: off).
         delta_reset_every: set the stored δ (batch or bank) to zero at the start of every k-th epoch (None: never).
         epsilon_warmup_epochs: ε and ε_step ramp linearly from ~0 to their values over the first k epochs, batch by
             batch (0: off).
@@ -53,8 +64,9 @@ class FreeAdversarialModule(ClassifierModule):
         **kwargs: the other arguments of :class:`ClassifierModule` (``mean``, ``std``, ``optimizer``, ...).
 
     Raises:
-        ValueError: if ``replays`` < 1, ε is outside [0, 1], ``step_size`` is not in (0, 1], on an unknown
-            ``delta_memory`` or ``delta_bank``, a ``delta_start_noise`` outside [0, 1], a ``delta_reset_every`` < 1, a
+        ValueError: if ``replays`` < 1, ε is outside [0, 1] (L∞) or negative or not finite (L2), ``step_size`` is not
+            in (0, 1] (L∞) or not > 0 (L2), on an unknown ``norm``, ``loss``, ``delta_memory`` or ``delta_bank``, a
+            negative ``trades_beta``, a ``delta_start_noise`` outside [0, 1], a ``delta_reset_every`` < 1, a
             negative ``epsilon_warmup_epochs``; with ``delta_memory="example"``, at the start of ``fit`` when the bank
             does not fit in memory, and at the first batch when it is ``(x, y)``; with ``cuda_graph=True``, when the LR
             scheduler changes another hyperparameter than the learning rate (e.g. ``OneCycleLR``'s momentum).
@@ -74,6 +86,9 @@ class FreeAdversarialModule(ClassifierModule):
         replays: int = 8,
         epsilon: float | str = 8 / 255,
         step_size: float | str | None = None,
+        norm: Literal["linf", "l2"] = "linf",
+        loss: Literal["ce", "trades"] | TrainingLoss = "ce",
+        trades_beta: float = 6.0,
         delta_memory: Literal["batch", "example"] = "batch",
         delta_bank: Literal["device", "cpu"] = "device",
         delta_start_noise: float = 0.0,
@@ -84,10 +99,11 @@ class FreeAdversarialModule(ClassifierModule):
     ) -> None:
         super().__init__(backbone, num_classes, **kwargs)
         self.replays = check_int(replays, "replays", minimum=1)
-        self.epsilon = as_pixel_fraction(epsilon, "epsilon")
-        self.step_size = (
-            self.epsilon if step_size is None else as_pixel_fraction(step_size, "step_size", allow_zero=False)
-        )
+        self.threat = threat_model(norm)
+        self.norm = self.threat.norm
+        self.epsilon = self.threat.radius(epsilon, "epsilon")
+        self.step_size = self.epsilon if step_size is None else self.threat.radius(step_size, "step_size", allow_zero=False)
+        self.training_loss = training_loss(loss, trades_beta)
         self.delta_memory = check_choice(delta_memory, "delta_memory", ("batch", "example"))
         self.delta_start_noise = as_pixel_fraction(delta_start_noise, "delta_start_noise")
         self.delta_reset_every = (
@@ -101,8 +117,9 @@ class FreeAdversarialModule(ClassifierModule):
 
     @property
     def passes_per_batch(self) -> int:
-        """Forward/backward passes per minibatch: one per replay."""
-        return self.replays
+        """Forward/backward passes per minibatch: one per replay; two with a loss that also reads the clean logits
+        (TRADES: the clean and the adversarial forward, and the one backward through both)."""
+        return self.replays * (2 if self.training_loss.needs_clean else 1)
 
     def kept_perturbation(self) -> StoredPerturbation | PerturbationBank:
         return self._bank if self.delta_memory == "example" else self._delta
@@ -119,7 +136,12 @@ class FreeAdversarialModule(ClassifierModule):
         if self.cuda_graph:
             reason = graph_blocker(self, ClassifierModule)
             if reason is None:
-                self._graph = ReplayGraph(self)
+                self._graph = ReplayGraph(
+                    self.optimizers(use_pl_optimizer=False),
+                    functools.partial(self._replay, step=self._optimizer_step),
+                    after=lambda outputs: self._after_optimizer_step(outputs[3].clone()),
+                    updated=(2,),
+                )
             else:
                 rank_zero_warn(f"cuda_graph=True: {reason}; Free-m's replays run eagerly.")
         if self.delta_memory == "example":
@@ -141,29 +163,53 @@ class FreeAdversarialModule(ClassifierModule):
         else:
             delta = self._delta.for_batch(x)  # a view of δ[:B]: writing into it updates the stored δ
         if self.delta_start_noise > 0:
-            noise = torch.empty_like(delta).uniform_(-1.0, 1.0, generator=self.random_generator(delta))
-            delta.copy_((delta + self.delta_start_noise * epsilon * noise).clamp_(-epsilon, epsilon))
+            noise = self.threat.random_start(delta, self.delta_start_noise * epsilon, self.random_generator(delta))
+            delta.copy_(self.threat.project(delta + noise, epsilon))
         if self._graph is not None and self._graph.fits(x):
-            loss, logits = self._graph.run(x, y, delta, epsilon, step_size)
+            loss, logits = self._graph.run([x, y, delta, epsilon, step_size], self.replays)[:2]
         else:
             built = None  # the previous replay's δ gradient, which built this replay's δ
             for replay in range(self.replays):
-                leaf = delta.clone().requires_grad_(True)
-                loss, logits = self.fit_step(torch.clamp(x + leaf, 0.0, 1.0), y)
+                loss, logits, grad, _ = self._replay(x, y, delta, epsilon, step_size)
                 with torch.no_grad():
                     if replay == 0:
                         first_loss = loss.detach()
                     elif replay == self.replays - 1:
                         self._attack_gain.add(first_loss, loss)
                     if built is not None:
-                        self._alignment.add(built, leaf.grad)
-                    built = leaf.grad
-                    step_delta(leaf, step_size, epsilon, self._nonfinite.update_guard(), delta)
+                        self._alignment.add(built, grad)
+                    built = grad
             if self._graph is not None:  # a batch of another shape (the last, smaller one) ran eagerly
                 self._graph.restore_gradients()
         if self.delta_memory == "example":
             self._bank.store(index, delta, stored, crop_flip)
         self.log_training(loss, logits, y)
+
+    def _replay(
+        self,
+        x: Tensor,
+        y: Tensor,
+        delta: Tensor,
+        epsilon: float | Tensor,
+        step_size: float | Tensor,
+        step: Callable[..., tuple[Tensor, Tensor]] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One replay of Algorithm 2, for the eager loop and the CUDA graph alike: the optimizer step at
+        ``clamp(x + δ, 0, 1)`` (``step``: :meth:`fit_step` by default; inside the graph :meth:`_optimizer_step`, whose
+        host-side bookkeeping the graph runs after each replay), then δ's step and projection written into ``delta``, kept as it was where the loss or δ's
+        gradient is not finite and such steps are skipped. Returns the loss, the logits, δ's gradient and the loss's
+        finiteness flag (device tensors: no host synchronisation)."""
+        leaf = delta.clone().requires_grad_(True)
+        take_step = self.fit_step if step is None else step
+        loss, logits = take_step(torch.clamp(x + leaf, 0.0, 1.0), y, clean=x)
+        finite = torch.isfinite(loss.detach())
+        with torch.no_grad():
+            grad = leaf.grad
+            stepped = self.threat.project(self.threat.ascend(leaf, grad, step_size), epsilon)
+            if self._nonfinite.guard_updates:
+                stepped = torch.where(finite & torch.isfinite(grad).all(), stepped, leaf)
+            delta.copy_(stepped)
+        return loss.detach(), logits.detach(), grad, finite
 
     def finish_epoch(self) -> None:
         super().finish_epoch()

@@ -18,7 +18,7 @@ from freeadv_pl.attacks import ModelMode, uniform_perturbation
 from freeadv_pl.data.augmentation import CropFlip
 from freeadv_pl.data.batch import unpack_batch
 from freeadv_pl.modules._delta_bank import PerturbationBank, require_index, training_set_shape
-from freeadv_pl.modules.base import ClassifierModule
+from freeadv_pl.modules.base import TRADES_ELSEWHERE, ClassifierModule, refuse_options
 
 MOMENTUM_KEY = "freeadv_pl_momentum_bank"
 """Checkpoint key of the per-example momentum bank (the perturbation bank keeps the default key)."""
@@ -58,8 +58,9 @@ class PriorGuidedFGSMModule(ClassifierModule):
         TypeError: if ``momentum_decay``, ``regularizer_weight`` or ``label_smoothing`` is not a number.
         ValueError: if ε is outside [0, 1], ``step_size`` is not in (0, 1], ``momentum_decay`` or
             ``regularizer_weight`` is negative or not finite, ``label_smoothing`` is outside [0, 1],
-            ``delta_reset_every`` < 1, on an unknown ``delta_bank`` or ``attack_mode``; at the start of ``fit`` when the
-            banks do not fit in memory, and at the first batch when it is ``(x, y)``.
+            ``delta_reset_every`` < 1, on an unknown ``delta_bank`` or ``attack_mode``, when given ``loss`` or ``norm``
+            (it is L∞ only); at the start of ``fit`` when the banks do not fit in memory, and at the first batch when
+            it is ``(x, y)``.
 
     Example:
         >>> from freeadv_pl.models import SmallCNN
@@ -82,6 +83,14 @@ class PriorGuidedFGSMModule(ClassifierModule):
         attack_mode: ModelMode = "train",
         **kwargs: Any,
     ) -> None:
+        own_loss = "FGSM-MEP trains on its own loss (CE plus a regulariser on the prior's logits). " + TRADES_ELSEWHERE
+        l2_elsewhere = (
+            "FGSM-MEP is implemented in the L∞ threat model only; for L2 use FreeAdversarialModule, "
+            "PGDAdversarialModule, FastAdversarialModule or NoiseFGSMModule with norm='l2'."
+        )
+        refuse_options(
+            "PriorGuidedFGSMModule", kwargs, {"loss": own_loss, "trades_beta": own_loss, "norm": l2_elsewhere}
+        )
         super().__init__(backbone, num_classes, **kwargs)
         self.epsilon = as_pixel_fraction(epsilon, "epsilon")
         self.step_size = (

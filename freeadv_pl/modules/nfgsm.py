@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from freeadv_pl._checks import as_pixel_fraction, check_choice
+from freeadv_pl._checks import check_choice
 from freeadv_pl._modes import temporary_mode
-from freeadv_pl.attacks import ModelMode, uniform_perturbation
+from freeadv_pl.attacks import ModelMode
 from freeadv_pl.data.batch import unpack_batch
-from freeadv_pl.modules.base import ClassifierModule
+from freeadv_pl.modules.base import TRADES_ELSEWHERE, ClassifierModule, refuse_options
+from freeadv_pl.threat_models import ThreatModel, threat_model
 
 
 class NoiseFGSMModule(ClassifierModule):
@@ -25,7 +26,8 @@ class NoiseFGSMModule(ClassifierModule):
     Per batch: η ~ U(-kε, kε) with k = ``noise_scale``; ``δ = η + step_size · sign(∇_η CE(f(clamp(x + η, 0, 1)), y))``;
     with ``clip``, δ is clamped to [-clip, clip]; one optimizer step on ``CE(f(clamp(x + δ, 0, 1)), y)``. Without
     ``clip`` (the paper's default) ‖δ‖∞ reaches k ε + α, 3 ε by default: the paper finds that the noise and the missing
-    projection keep single-step training free of catastrophic overfitting at large ε, without an early stop. The
+    projection keep single-step training free of catastrophic overfitting at large ε, without an early stop. In L2
+    (``norm="l2"``) the noise is the L2 random start of radius kε, the step ``α · ∇ / ‖∇‖₂`` and ``clip`` an L2 radius. The
     optimizer step's backward also gives the input gradient at the adversarial batch, whose cosine with the FGSM
     step's gradient is logged per epoch as ``train/grad_alignment``.
 
@@ -36,14 +38,17 @@ class NoiseFGSMModule(ClassifierModule):
             like ``"8/255"``).
         step_size: the FGSM step α in pixel units; None means ε, the paper's.
         noise_scale: k, the noise's half-width in units of ε (the paper's 2); 0 gives plain unprojected FGSM.
-        clip: None: no projection (the paper's); a number c in (0, 1]: δ is clamped to [-c, c] (the authors' ``--clip``).
+        clip: None: no projection (the paper's); a number c > 0 (≤ 1 in L∞): δ is projected onto the c-ball (clamped to
+            [-c, c] in L∞, the authors' ``--clip``).
+        norm: the threat model, ``"linf"`` or ``"l2"``.
         attack_mode: the model's mode during the FGSM step: ``"train"`` (the authors' code) or ``"eval"``.
         **kwargs: the other arguments of :class:`ClassifierModule` (``mean``, ``std``, ``optimizer``, ...).
 
     Raises:
         TypeError: if ``noise_scale`` is not a number.
-        ValueError: if ε or ``step_size`` is outside [0, 1], ``noise_scale`` is negative or not finite, ``clip`` is not
-            in (0, 1], or ``attack_mode`` is unknown.
+        ValueError: if ε or ``step_size`` is out of the norm's range (L∞: [0, 1]; L2: finite, ≥ 0), ``noise_scale`` is
+            negative or not finite, ``clip`` is not > 0 (or > 1 in L∞), on an unknown ``attack_mode`` or ``norm``, or
+            when given ``loss`` (N-FGSM trains on cross-entropy).
 
     Example:
         >>> from freeadv_pl.models import SmallCNN
@@ -60,15 +65,20 @@ class NoiseFGSMModule(ClassifierModule):
         step_size: float | str | None = None,
         noise_scale: float = 2.0,
         clip: float | str | None = None,
+        norm: Literal["linf", "l2"] = "linf",
         attack_mode: ModelMode = "train",
         **kwargs: Any,
     ) -> None:
+        advice = "N-FGSM trains on cross-entropy. " + TRADES_ELSEWHERE
+        refuse_options("NoiseFGSMModule", kwargs, {"loss": advice, "trades_beta": advice})
         super().__init__(backbone, num_classes, **kwargs)
-        self.epsilon = as_pixel_fraction(epsilon, "epsilon")
+        self.threat = threat_model(norm)
+        self.norm = self.threat.norm
+        self.epsilon = self.threat.radius(epsilon, "epsilon")
         # No projection undoes the step, so at ε = 0 the default step is 0 too: natural training, not a 1.0 step.
-        self.step_size = self.epsilon if step_size is None else as_pixel_fraction(step_size, "step_size")
+        self.step_size = self.epsilon if step_size is None else self.threat.radius(step_size, "step_size")
         self.noise_scale = _check_noise_scale(noise_scale)
-        self.clip = _check_clip(clip)
+        self.clip = _check_clip(clip, self.threat)
         self.attack_mode = check_choice(attack_mode, "attack_mode", ("train", "eval"))
 
     @property
@@ -90,8 +100,9 @@ class NoiseFGSMModule(ClassifierModule):
         """The paper's Algorithm 1 for one batch: noise, one FGSM step from the noisy point, no projection onto the
         ε-ball. Returns the adversarial images (detached) and the FGSM step's input gradient."""
         # η ~ U(-kε, kε), from the per-step generator only, so that a resumed run draws the same noise (exact resume).
-        # kε may exceed 1: uniform_perturbation draws any radius, and the clamps below keep the images in [0, 1].
-        eta = uniform_perturbation(x, self.noise_scale * self.epsilon, self.random_generator(x)).requires_grad_(True)
+        # kε may exceed 1: the random start draws any radius, and the clamps below keep the images in [0, 1].
+        eta = self.threat.random_start(x, self.noise_scale * self.epsilon, self.random_generator(x))
+        eta.requires_grad_(True)
         with temporary_mode(self.model, self.attack_mode == "train"):
             logits = self.model((x + eta).clamp(0.0, 1.0))
         # Summed, not averaged (as attacks.pgd), so that each example's gradient is its own whatever the batch size;
@@ -99,9 +110,9 @@ class NoiseFGSMModule(ClassifierModule):
         (grad,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), eta)
         # The step starts from the noisy point and is not projected back onto the ε-ball, which the paper finds avoids
         # catastrophic overfitting; clip is the authors' optional projection.
-        delta = eta.detach() + self.step_size * grad.sign()
+        delta = self.threat.ascend(eta.detach(), grad, self.step_size)
         if self.clip is not None:
-            delta = delta.clamp(-self.clip, self.clip)
+            delta = self.threat.project(delta, self.clip)
         return (x + delta).clamp(0.0, 1.0), grad
 
 
@@ -116,10 +127,10 @@ def _check_noise_scale(value: float) -> float:
     return float(value)
 
 
-def _check_clip(value: float | str | None) -> float | None:
+def _check_clip(value: float | str | None, threat: ThreatModel) -> float | None:
     if value is None:
         return None
     try:
-        return as_pixel_fraction(value, "clip", allow_zero=False)
+        return threat.radius(value, "clip", allow_zero=False)
     except ValueError as error:
         raise ValueError(f"{error}; pass clip=None for no projection (the paper's default)") from None
