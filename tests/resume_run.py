@@ -51,7 +51,9 @@ def signal_at(module_class: type, step: int | None) -> type:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--method", choices=["free", "free-example", "fgsm"], required=True)
+    parser.add_argument(
+        "--method", choices=["free", "free-example", "free-l2-trades", "fgsm", "fgsm-l2"], required=True
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--sigterm-at", type=int, default=None)
@@ -63,6 +65,12 @@ def main() -> None:
     halve_each_epoch = {"lr_scheduler": partial(StepLR, step_size=1, gamma=0.5), "lr_scheduler_interval": "epoch"}
     if args.method == "fgsm":
         module = signal_at(FastAdversarialModule, args.sigterm_at)(backbone, epsilon=0.1, **halve_each_epoch)
+    elif args.method == "fgsm-l2":
+        module = signal_at(FastAdversarialModule, args.sigterm_at)(backbone, epsilon=0.5, norm="l2", **halve_each_epoch)
+    elif args.method == "free-l2-trades":
+        module = signal_at(FreeAdversarialModule, args.sigterm_at)(
+            backbone, replays=2, epsilon=0.5, norm="l2", loss="trades", delta_start_noise=0.5, **halve_each_epoch
+        )
     else:
         memory = "example" if args.method == "free-example" else "batch"
         module = signal_at(FreeAdversarialModule, args.sigterm_at)(

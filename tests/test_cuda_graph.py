@@ -97,6 +97,31 @@ def test_the_graph_trains_to_the_eager_weights_delta_lr_and_step(precision, shar
 
 @needs_cuda
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("options", "bound"),
+    [
+        pytest.param({"norm": "l2", "epsilon": 0.5, "step_size": 0.25}, 0.5, id="l2"),
+        pytest.param({"loss": "trades"}, None, id="trades"),
+        pytest.param({"norm": "l2", "epsilon": 0.5, "loss": "trades"}, 0.5, id="l2-trades"),
+    ],
+)
+def test_the_graph_captures_the_l2_step_and_the_trades_loss_as_eager_runs_them(options, bound, no_tf32):
+    initial = graph_module(False, **options)
+    eager = fit(graph_module(False, **options))
+    graphed = fit(graph_module(True, **options))
+    assert graphed._graph is not None and graphed._graph.graph is not None
+    assert graphed.global_step_seen == eager.global_step_seen
+    gap, moved = difference(graphed, eager), difference(eager, initial)
+    delta_gap = (graphed.delta - eager.delta).abs().max().item()
+    print(f"{options}: max |graph - eager| = {gap:.3g} (moved {moved:.3g}); max |δ graph - δ eager| = {delta_gap:.3g}")
+    assert gap < 0.02 * moved
+    assert delta_gap < 0.02 * eager.delta.abs().max().item() or (graphed.delta != eager.delta).float().mean() < 0.01
+    if bound is not None:
+        assert graphed.delta.flatten(1).norm(dim=1).max() <= bound + 1e-5
+
+
+@needs_cuda
+@pytest.mark.gpu
 def test_a_graph_run_resumes_from_its_checkpoint(tmp_path, no_tf32):
     whole = fit(graph_module(True))
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)

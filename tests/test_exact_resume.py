@@ -95,6 +95,22 @@ def test_fgsm_rs_with_uniform_starts_resumes_bitwise_from_a_mid_epoch_checkpoint
     assert_bitwise_equal(resumed, full)
 
 
+def test_an_l2_trades_free_run_and_an_l2_fgsm_rs_run_resume_bitwise_from_a_mid_epoch_checkpoint(
+    uninterrupted, tmp_path
+):
+    out, (full,) = uninterrupted("free-l2-trades")
+    assert full["delta"].flatten(1).norm(dim=1).max() <= 0.5 + 1e-6
+    (resumed,) = finished(
+        tmp_path / "free", "free-l2-trades", "--resume", str(out / f"steps/step={mid_epoch_step()}.ckpt")
+    )
+    assert_bitwise_equal(resumed, full)
+    out, (full,) = uninterrupted("fgsm-l2")
+    (resumed,) = finished(
+        tmp_path / "fgsm", "fgsm-l2", "--resume", str(out / f"steps/step={PICK.choice(range(7, 10))}.ckpt")
+    )
+    assert_bitwise_equal(resumed, full)
+
+
 def test_sigterm_in_the_middle_of_a_batchs_replays_checkpoints_that_batch_and_resumes_bitwise(uninterrupted, tmp_path):
     _, (full,) = uninterrupted("free")
     step = mid_epoch_step() + 1  # between the two replays of a batch

@@ -68,19 +68,27 @@ def test_free_in_l2_equals_algorithm_2_with_the_l2_step(memory):
     backbone = tiny_cnn()
     reference_model = copy.deepcopy(backbone)
     module = FreeAdversarialModule(
-        backbone, 3, replays=3, epsilon=EPSILON, step_size=STEP, norm="l2", delta_memory=memory, optimizer=_sgd,
-        mean=[0.0], std=[1.0],
+        backbone,
+        3,
+        replays=3,
+        epsilon=EPSILON,
+        step_size=STEP,
+        norm="l2",
+        delta_memory=memory,
+        optimizer=_sgd,
+        mean=[0.0],
+        std=[1.0],
     )
     x, y = tiny_loader().dataset.tensors
     dataset = TensorDataset(x, y, torch.arange(len(x)))
     order = torch.Generator().manual_seed(3)
-    loader = DataLoader(dataset if memory == "example" else TensorDataset(x, y), batch_size=4, shuffle=True, generator=order)
+    loader = DataLoader(
+        dataset if memory == "example" else TensorDataset(x, y), batch_size=4, shuffle=True, generator=order
+    )
     quiet_trainer(max_epochs=2).fit(module, train_dataloaders=loader)
     replay_order = torch.Generator().manual_seed(3)
     batches = [
-        batch
-        for _ in range(2)
-        for batch in DataLoader(dataset, batch_size=4, shuffle=True, generator=replay_order)
+        batch for _ in range(2) for batch in DataLoader(dataset, batch_size=4, shuffle=True, generator=replay_order)
     ]
     expected = reference_l2_free(
         reference_model, batches, replays=3, epsilon=EPSILON, step_size=STEP, keyed_by_index=memory == "example"
@@ -117,8 +125,16 @@ def test_kpgd_in_l2_equals_a_hand_written_l2_pgd_training_loop():
     backbone = tiny_cnn()
     reference_model = copy.deepcopy(backbone)
     module = PGDAdversarialModule(
-        backbone, 3, steps=3, epsilon=EPSILON, step_size=STEP, norm="l2", random_start=False, optimizer=_sgd,
-        mean=[0.0], std=[1.0],
+        backbone,
+        3,
+        steps=3,
+        epsilon=EPSILON,
+        step_size=STEP,
+        norm="l2",
+        random_start=False,
+        optimizer=_sgd,
+        mean=[0.0],
+        std=[1.0],
     )
     quiet_trainer(max_epochs=2).fit(module, train_dataloaders=tiny_loader())
     _kpgd_reference(reference_model, [*tiny_loader(), *tiny_loader()], steps=3, epsilon=EPSILON, step_size=STEP)

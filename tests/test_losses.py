@@ -33,9 +33,9 @@ def test_trades_equals_the_authors_formula_and_ce_is_plain_cross_entropy():
     torch.manual_seed(0)
     clean, adversarial, y = torch.randn(5, 4), torch.randn(5, 4), torch.randint(0, 4, (5,))
     criterion_kl = nn.KLDivLoss(reduction="sum")
-    expected = F.cross_entropy(clean, y) + BETA * criterion_kl(
-        F.log_softmax(adversarial, dim=1), F.softmax(clean, dim=1)
-    ) / 5
+    expected = (
+        F.cross_entropy(clean, y) + BETA * criterion_kl(F.log_softmax(adversarial, dim=1), F.softmax(clean, dim=1)) / 5
+    )
     torch.testing.assert_close(TRADES(BETA)(adversarial, y, clean), expected)
     torch.testing.assert_close(CrossEntropy()(adversarial, y), F.cross_entropy(adversarial, y))
     attack = TRADES(BETA).attack_loss(clean)
@@ -77,8 +77,16 @@ def test_kpgd_trades_equals_the_authors_loop_from_the_same_starts():
     backbone = tiny_cnn()
     reference_model = copy.deepcopy(backbone)
     module = _recording(PGDAdversarialModule)(
-        backbone, 3, steps=3, epsilon=EPSILON, step_size=STEP, loss="trades", trades_beta=BETA, optimizer=_sgd,
-        mean=[0.0], std=[1.0],
+        backbone,
+        3,
+        steps=3,
+        epsilon=EPSILON,
+        step_size=STEP,
+        loss="trades",
+        trades_beta=BETA,
+        optimizer=_sgd,
+        mean=[0.0],
+        std=[1.0],
     )
     assert module.attack_mode == "eval" and module.passes_per_batch == 5
     quiet_trainer(max_epochs=2).fit(module, train_dataloaders=tiny_loader())
@@ -100,7 +108,12 @@ def test_fgsm_rs_trades_takes_one_kl_step_from_its_uniform_start():
     starts = torch.cat(module.starts)
     assert starts.abs().max() <= EPSILON and starts.abs().max() > EPSILON / 2, "FGSM-RS's usual U(-ε, ε) start"
     reference_trades_pgd(
-        reference_model, list(tiny_loader()), module.starts, steps=1, epsilon=EPSILON, step_size=1.25 * EPSILON,
+        reference_model,
+        list(tiny_loader()),
+        module.starts,
+        steps=1,
+        epsilon=EPSILON,
+        step_size=1.25 * EPSILON,
         beta=6.0,
     )
     for ours, theirs in zip(module.model.backbone.parameters(), reference_model.parameters(), strict=True):
@@ -130,8 +143,16 @@ def test_free_trades_equals_a_hand_written_free_trades_loop():
     backbone = tiny_cnn()
     reference_model = copy.deepcopy(backbone)
     module = FreeAdversarialModule(
-        backbone, 3, replays=3, epsilon=EPSILON, step_size=STEP, loss="trades", trades_beta=BETA, optimizer=_sgd,
-        mean=[0.0], std=[1.0],
+        backbone,
+        3,
+        replays=3,
+        epsilon=EPSILON,
+        step_size=STEP,
+        loss="trades",
+        trades_beta=BETA,
+        optimizer=_sgd,
+        mean=[0.0],
+        std=[1.0],
     )
     assert module.passes_per_batch == 6
     quiet_trainer(max_epochs=2).fit(module, train_dataloaders=tiny_loader())
