@@ -14,16 +14,15 @@ from freeadv_pl.modules._step_path import direct_step_blocker
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule
 
-    from freeadv_pl.modules.free import FreeAdversarialModule
-
 WARMUP_REPLAYS = 3
 """Replays of the first batch run eagerly (on a side stream) before the capture: they let cuDNN choose its
 algorithms and the optimizer create its state, as torch.cuda.graphs asks."""
 
 
-def graph_blocker(module: FreeAdversarialModule, base: type[LightningModule]) -> str | None:
-    """None when ``module``'s replays can run as one captured CUDA graph in this fit, otherwise why not (``base``: the
-    class whose per-step hooks are the package's own, see :func:`direct_step_blocker`)."""
+def graph_blocker(module: LightningModule, base: type[LightningModule]) -> str | None:
+    """None when the training step of ``module`` (a :class:`~freeadv_pl.modules.ClassifierModule`) can run as one
+    captured CUDA graph in this fit, otherwise why not (``base``: the class whose per-step hooks are the package's own,
+    see :func:`direct_step_blocker`)."""
     if module.device.type != "cuda":
         return f"training runs on {module.device.type}, not on a CUDA device"
     reason = direct_step_blocker(module.trainer, module, base)

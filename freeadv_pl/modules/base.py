@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -13,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import SGD, Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
@@ -25,6 +23,8 @@ from freeadv_pl._step_random import StepRandom
 from freeadv_pl.export import export_classifier
 from freeadv_pl.losses import CrossEntropy, TrainingLoss
 from freeadv_pl.models.normalization import InputNormalization
+from freeadv_pl.modules._checkpoint import attached_trainer, read_identity, write_identity
+from freeadv_pl.modules._checks import check_first_batch, take_from_data
 from freeadv_pl.modules._collapse_signals import AttackGain, GradientAlignment
 from freeadv_pl.modules._cuda_graph import float_learning_rates
 from freeadv_pl.modules._nonfinite import NonFiniteLosses
@@ -143,7 +143,7 @@ class ClassifierModule(LightningModule):
         return self.model(x)
 
     def setup(self, stage: str) -> None:
-        self._take_from_data(getattr(_attached_trainer(self), "datamodule", None))
+        take_from_data(self, getattr(attached_trainer(self), "datamodule", None))
         # Metrics are made here, not in __init__, so that spawned processes do not share them (docs/design.md,
         # "Distributed evaluation and metrics").
         self.val_accuracy = MulticlassAccuracy(self.num_classes, average="micro")
@@ -158,42 +158,6 @@ class ClassifierModule(LightningModule):
     def on_nonfinite_loss(self) -> str:
         """``"raise"`` or ``"skip"``: what a NaN or infinite training loss does."""
         return self._nonfinite.policy
-
-    def _take_from_data(self, data: Any) -> None:
-        """Take ``num_classes``, ``mean`` and ``std`` from the DataModule where the module was not given them (and
-        record them in the hyperparameters, so that checkpoints rebuild the same model); check ``num_classes``."""
-        declared = getattr(data, "num_classes", None)
-        declared = declared if isinstance(declared, int) else None
-        taken: dict[str, Any] = {}
-        if self.num_classes is None:
-            if declared is None:
-                raise ValueError(
-                    f"num_classes is not given and the {'DataModule' if data is None else type(data).__name__} "
-                    "declares none: pass num_classes=... to the module (e.g. num_classes=10), or fit with a "
-                    "DataModule that has a num_classes attribute (every freeadv_pl DataModule has)."
-                )
-            self.num_classes = check_int(declared, "num_classes", minimum=2)
-            taken["num_classes"] = declared
-        elif declared is not None and declared != self.num_classes:
-            raise ValueError(
-                f"the DataModule has num_classes={declared} but the module has num_classes={self.num_classes}: "
-                f"pass num_classes={declared} to the module (or leave it out: it is then taken from the data) and "
-                f"give the backbone {declared} outputs."
-            )
-        mean, std = getattr(data, "mean", None), getattr(data, "std", None)
-        if mean is not None and std is not None and self.model.mean is None:
-            self.model.set_statistics(mean, std)
-            taken.update(mean=[float(v) for v in mean], std=[float(v) for v in std])
-        elif mean is not None and std is not None and not _same_statistics(self.model, mean, std):
-            own = [self.model.mean.flatten().tolist(), self.model.std.flatten().tolist()]
-            rank_zero_warn(
-                f"the module normalizes with mean, std = {own} but {type(data).__name__} declares {[mean, std]}: the "
-                "module's own are used. Leave mean and std out to take the data's."
-            )
-        if taken:
-            self.hparams.update(taken)
-            told = ", ".join(f"{key}={value}" for key, value in taken.items())
-            rank_zero_info(f"{type(self).__name__} takes {told} from {type(data).__name__}.")
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
@@ -225,8 +189,7 @@ class ClassifierModule(LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self._inputs_checked:
-            self._check_pixel_range(batch[0])
-            self._check_labels(batch[1])
+            check_first_batch(batch[0], batch[1], self.num_classes)
             self._inputs_checked = True
             self.input_shape = tuple(batch[0].shape[1:])
 
@@ -325,9 +288,7 @@ class ClassifierModule(LightningModule):
             self._step_lr_scheduler()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[_MODULE_KEY] = _lineage(type(self))
-        if self.input_shape is not None:
-            checkpoint[_INPUT_SHAPE_KEY] = list(self.input_shape)
+        write_identity(checkpoint, self, ClassifierModule)
         float_learning_rates(checkpoint)  # the same checkpoint with or without a CUDA graph
         for state in self._training_state():
             state.save(checkpoint, self.trainer)  # collective under DDP: every process builds the checkpoint
@@ -340,7 +301,7 @@ class ClassifierModule(LightningModule):
     def random_generator(self, x: Tensor) -> torch.Generator | None:
         """The generator of this batch's random draws on ``x``'s device, a function of the run's seed, the process
         and ``trainer.global_step`` (exact resume); None (the global RNG) outside ``fit``."""
-        return self._random.generator(x.device, _attached_trainer(self))
+        return self._random.generator(x.device, attached_trainer(self))
 
     def _training_state(self) -> list[Any]:
         kept = self.kept_perturbation()
@@ -371,20 +332,9 @@ class ClassifierModule(LightningModule):
         return export_classifier(self.model, path, shape, info)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if checkpoint.get(_INPUT_SHAPE_KEY):
-            self.input_shape = tuple(checkpoint[_INPUT_SHAPE_KEY])
-        saved, own = checkpoint.get(_MODULE_KEY), _lineage(type(self))
-        if saved and saved[0] not in own and own[0] not in saved:
-            written_by, loader = saved[0].rsplit(".", 1)[-1], own[0].rsplit(".", 1)[-1]
-            raise ValueError(
-                f"this checkpoint was written by {saved[0]}, not by {own[0]} (or a parent or subclass of it): its "
-                f"hyperparameters and training state belong to another training algorithm. Load it with "
-                f"{written_by}.load_from_checkpoint, or in the CLI with the config of the run that wrote it. To "
-                f"start a {loader} from its weights only, use "
-                "module.load_state_dict(torch.load(path, weights_only=True)['state_dict'])."
-            )
+        self.input_shape = read_identity(checkpoint, self, ClassifierModule) or self.input_shape
         for state in self._training_state():
-            state.load(checkpoint, _attached_trainer(self))
+            state.load(checkpoint, attached_trainer(self))
         loop = checkpoint.get("loops", {}).get("fit_loop")
         self._epoch_to_finish = bool(loop) and resumes_after_last_batch(loop)
 
@@ -407,67 +357,6 @@ class ClassifierModule(LightningModule):
         accuracy.update(logits, y)
         self.log(f"{prefix}/loss", F.cross_entropy(logits, y), sync_dist=True)
         self.log(f"{prefix}/acc", accuracy, prog_bar=True)
-
-    def _check_pixel_range(self, x: Tensor) -> None:
-        low, high = x.min().item(), x.max().item()
-        if math.isnan(low) or math.isnan(high):
-            raise ValueError(
-                "the first training batch holds NaN pixels: training images must be in [0, 1]. Check how the dataset "
-                "reads and converts its images."
-            )
-        if low < 0 or high > 1:
-            raise ValueError(
-                f"training images must be in [0, 1] pixel space, got values in [{low:.3g}, {high:.3g}]. Remove any "
-                "Normalize transform from the data pipeline and pass mean/std to the module instead."
-            )
-
-    def _check_labels(self, y: Tensor) -> None:
-        low, high = int(y.min()), int(y.max())
-        if low < 0 or high >= self.num_classes:
-            raise ValueError(
-                f"the first training batch has labels in [{low}, {high}] but num_classes={self.num_classes} (labels "
-                f"must lie in [0, {self.num_classes - 1}]): set num_classes to the data's number of classes (the CLI "
-                "links it from data.num_classes) and give the backbone as many outputs."
-            )
-
-
-_MODULE_KEY = "freeadv_pl_module"
-"""Checkpoint key of the classes that wrote it (most derived first), checked when a checkpoint is loaded."""
-_INPUT_SHAPE_KEY = "freeadv_pl_input_shape"
-"""Checkpoint key of one training image's shape, for ``export``."""
-
-
-def _same_statistics(model: InputNormalization, mean: Sequence[float], std: Sequence[float]) -> bool:
-    given, declared = torch.cat([model.mean.flatten(), model.std.flatten()]).cpu(), torch.tensor([*mean, *std])
-    return given.shape == declared.shape and torch.allclose(given, declared)
-
-
-def _attached_trainer(module: LightningModule) -> Trainer | None:
-    """The module's Trainer, or None when it has none (``load_from_checkpoint``)."""
-    try:
-        return module.trainer
-    except RuntimeError:
-        return None
-
-
-def _lineage(module_class: type) -> list[str]:
-    return [f"{c.__module__}.{c.__qualname__}" for c in module_class.__mro__ if issubclass(c, ClassifierModule)]
-
-
-def refuse_options(module: str, given: dict[str, Any], options: dict[str, str]) -> None:
-    """Raise a ``ValueError`` when ``given`` (a module's keyword arguments) holds one of ``options``, an option the
-    module ``module`` does not have, with the option's advice (``options[name]``) as the fix."""
-    for name, advice in options.items():
-        if name in given:
-            raise ValueError(f"{module} does not take {name}={given[name]!r}: {advice}")
-
-
-TRADES_ELSEWHERE = (
-    "TRADES and the other training losses are options of FreeAdversarialModule, PGDAdversarialModule and "
-    "FastAdversarialModule (loss='trades', trades_beta=6.0)."
-)
-"""The advice of a module without a ``loss`` option."""
-
 
 def check_trainer_for_manual_optimization(trainer: Trainer) -> None:
     """Reject Trainer settings that manual optimization cannot honour, with the fix in the message.

@@ -17,8 +17,9 @@ from freeadv_pl._modes import temporary_mode
 from freeadv_pl.attacks import ModelMode, uniform_perturbation
 from freeadv_pl.data.augmentation import CropFlip
 from freeadv_pl.data.batch import unpack_batch
+from freeadv_pl.modules._checks import TRADES_ELSEWHERE, refuse_options
 from freeadv_pl.modules._delta_bank import PerturbationBank, require_index, training_set_shape
-from freeadv_pl.modules.base import TRADES_ELSEWHERE, ClassifierModule, refuse_options
+from freeadv_pl.modules.base import ClassifierModule
 
 MOMENTUM_KEY = "freeadv_pl_momentum_bank"
 """Checkpoint key of the per-example momentum bank (the perturbation bank keeps the default key)."""

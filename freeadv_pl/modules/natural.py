@@ -7,7 +7,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from freeadv_pl.data.batch import unpack_batch
-from freeadv_pl.modules.base import TRADES_ELSEWHERE, ClassifierModule, refuse_options
+from freeadv_pl.modules._checks import TRADES_ELSEWHERE, refuse_options
+from freeadv_pl.modules.base import ClassifierModule
 
 
 class NaturalModule(ClassifierModule):

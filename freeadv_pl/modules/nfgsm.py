@@ -15,7 +15,8 @@ from freeadv_pl._checks import check_choice
 from freeadv_pl._modes import temporary_mode
 from freeadv_pl.attacks import ModelMode
 from freeadv_pl.data.batch import unpack_batch
-from freeadv_pl.modules.base import TRADES_ELSEWHERE, ClassifierModule, refuse_options
+from freeadv_pl.modules._checks import TRADES_ELSEWHERE, refuse_options
+from freeadv_pl.modules.base import ClassifierModule
 from freeadv_pl.threat_models import ThreatModel, threat_model
 
 
