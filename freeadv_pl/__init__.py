@@ -16,7 +16,7 @@ from freeadv_pl.data import (
     ImageNetDataModule,
     VisionDataModule,
 )
-from freeadv_pl.evaluation import ATTACK_PRESETS, AttackSpec, count_correct, robust_accuracy
+from freeadv_pl.evaluation import ATTACK_PRESETS, AttackSpec, EvaluationAttack, count_correct, robust_accuracy
 from freeadv_pl.models import InputNormalization, PreActResNet18, SmallCNN, WideResNet
 from freeadv_pl.modules import (
     ClassifierModule,
@@ -39,6 +39,7 @@ __all__ = [
     "CIFAR100DataModule",
     "CatastrophicOverfittingGuard",
     "ClassifierModule",
+    "EvaluationAttack",
     "FashionMNISTDataModule",
     "FastAdversarialModule",
     "FreeAdversarialModule",

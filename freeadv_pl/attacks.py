@@ -1,9 +1,9 @@
 """Attacks in pixel space, in any threat model (L∞ or L2), as pure functions usable on any ``nn.Module``.
 
 Inputs are images in [0, 1]; any mean/std normalization lives inside the model (docs/design.md, "Pixel space"), so ε and
-step sizes are in pixel units and every adversarial example returned lies in the ε-ball around ``x`` and in
-[0, 1]. The norm's start, step and projection come from :mod:`freeadv_pl.threat_models`. The attacks work wherever they are called from, Lightning's ``no_grad`` validation and
-``inference_mode`` testing included: they run under ``torch.inference_mode(False)`` and ``torch.enable_grad()``,
+step sizes are in pixel units and every adversarial example returned lies in the ε-ball around ``x`` and in [0, 1]. The
+norm's start, step and projection come from :mod:`freeadv_pl.threat_models`. The attacks work wherever they are called
+from, Lightning's ``no_grad`` validation and ``inference_mode`` testing included: they run under ``torch.inference_mode(False)`` and ``torch.enable_grad()``,
 take gradients with ``torch.autograd.grad`` (parameter ``.grad`` fields are never touched) and put every
 submodule of the model back in the train/eval mode it had.
 
@@ -85,8 +85,8 @@ def pgd(
     """Projected gradient descent (Madry et al. 2018) on images in [0, 1], in the L∞ or the L2 threat model.
 
     Each step moves the perturbation by ``step_size`` along the norm's steepest-ascent direction of the loss
-    (``sign(∇)`` in L∞, ``∇ / ‖∇‖₂`` in L2), then projects it back onto the ε-ball and onto [0, 1]. With ``restarts > 1`` the result is the per-example worst case: an example counts as broken
-    if any restart breaks it; for the examples that no restart breaks, the first restart's result is kept, so a
+    (``sign(∇)`` in L∞, ``∇ / ‖∇‖₂`` in L2), then projects it back onto the ε-ball and onto [0, 1]. With
+    ``restarts > 1`` the result is the per-example worst case: an example counts as broken if any restart breaks it; for the examples that no restart breaks, the first restart's result is kept, so a
     multi-restart attack is never weaker than its first restart alone.
 
     Args:
@@ -98,8 +98,10 @@ def pgd(
         steps: number of steps (0 gives the start point itself).
         restarts: number of independent random starts.
         loss: ``"ce"`` (cross-entropy), ``"cw"`` (the margin of :func:`cw_loss`), or a function of (logits, labels)
-            giving the loss summed over the batch (e.g. TRADES's KL term, :meth:`~freeadv_pl.losses.TrainingLoss.attack_loss`).
-        random_start: start from the norm's random start (δ ~ U(-ε, ε) in L∞); otherwise from δ = 0.
+            giving the loss summed over the batch (e.g. TRADES's KL term,
+            :meth:`~freeadv_pl.losses.TrainingLoss.attack_loss`).
+        random_start: start from the norm's random start (δ ~ U(-ε, ε) in L∞; in L2 a random direction at a radius
+            uniform in [0, ε]); otherwise from δ = 0.
         init: the starting perturbation of the first restart, overriding ``random_start`` for it.
         model_mode: the mode the model runs in during the attack: ``"eval"`` for evaluation, ``"train"`` for
             Madry et al.'s training-time attack (batch-norm uses batch statistics). Restored afterwards.

@@ -1,4 +1,5 @@
-"""AutoAttack (Croce & Hein, ICML 2020) on torchattacks' attacks, with the official settings (pure PyTorch).
+"""AutoAttack (Croce & Hein, ICML 2020) on torchattacks' attacks, with the official settings, in the L∞ or the L2
+threat model (pure PyTorch).
 
 torchattacks is an optional extra: ``pip install "freeadv_pl[autoattack]"``. This module imports it only when an
 attack runs or :meth:`AutoAttackSpec.ensure_available` is called.
@@ -6,6 +7,7 @@ attack runs or :meth:`AutoAttackSpec.ensure_available` is called.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import warnings
 from dataclasses import dataclass
@@ -14,9 +16,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from freeadv_pl._checks import as_pixel_fraction, check_choice, check_int
+from freeadv_pl._checks import check_choice, check_int
 from freeadv_pl._modes import temporary_mode
-from freeadv_pl.threat_models import threat_model
+from freeadv_pl.threat_models import ThreatModel, check_radius, threat_model
 
 __all__ = ["AutoAttackSpec"]
 
@@ -27,14 +29,16 @@ _warned_targets: set[int] = set()
 
 @dataclass(frozen=True)
 class AutoAttackSpec:
-    """AutoAttack as one column of an evaluation suite: L∞ attacks run one after another, each on the examples that
-    every earlier one left unbroken; an example counts as robust only if it is classified correctly clean and no
-    attack breaks it.
+    """AutoAttack as one column of an evaluation suite: attacks in the ``norm``'s threat model run one after another,
+    each on the examples that every earlier one left unbroken; an example counts as robust only if it is classified
+    correctly clean and no attack breaks it.
 
     ``version="standard"`` is AutoAttack's standard version with its official parameters: APGD-CE (100 steps,
     1 restart, ρ = 0.75), APGD-T (targeted DLR loss, 9 target classes, 100 steps), FAB-T (9 target classes,
     100 steps, α_max = 0.1, η = 1.05, β = 0.9) and Square (5,000 queries, p_init = 0.8), each built from
-    torchattacks' own class; with C < 10 classes APGD-T and FAB-T target the C − 1 others (a warning says so).
+    torchattacks' own class, in L∞ (torchattacks' ``norm="Linf"``) or L2 (``norm="L2"``: the standard version
+    runs the same four attacks in both); with C < 10 classes APGD-T and FAB-T target the C − 1 others (a warning
+    says so).
     ``version="apgd"`` is APGD-CE then APGD-DLR, a cheaper check for the end of each epoch. Only a verified
     misclassification counts (each candidate is projected onto the ε-ball and [0, 1] and classified again). Each run
     happens inside ``torch.random.fork_rng`` seeded from ``generator``, so training's random state is kept.
@@ -44,8 +48,12 @@ class AutoAttackSpec:
         steps: iterations of APGD and FAB (the official 100).
         queries: Square's query budget (the official 5,000).
         restarts: restarts of each attack (the standard version's 1).
-        epsilon: radius in pixel units; None: the evaluation's ε (the training module's).
-        name: key of the logged metric; None: ``autoattack`` or ``apgd``.
+        epsilon: radius in pixel units (at most 1 in L∞, any finite number ≥ 0 in L2); None: the evaluation's ε
+            (the training module's).
+        name: key of the logged metric; None: ``autoattack`` or ``apgd``, with the norm outside L∞
+            (``autoattack_l2``).
+        norm: ``"linf"`` or ``"l2"``; None: the evaluation's norm (the training module's ``norm``), set by
+            :meth:`resolved`. Until then the attack is named and run in L∞.
 
     Example:
         >>> spec = AutoAttackSpec()
@@ -53,6 +61,9 @@ class AutoAttackSpec:
         ('autoattack', 'AutoAttack')
         >>> AutoAttackSpec(version="apgd").describe(8 / 255)
         'APGD-CE, then APGD-DLR (torchattacks; L∞ ε = 8/255; 100 steps, 1 restart each; each on what the earlier left)'
+        >>> spec = AutoAttackSpec(norm="l2")
+        >>> spec.key, spec.title
+        ('autoattack_l2', 'AutoAttack (L2)')
     """
 
     version: Literal["standard", "apgd"] = "standard"
@@ -61,43 +72,54 @@ class AutoAttackSpec:
     restarts: int = 1
     epsilon: float | str | None = None
     name: str | None = None
+    norm: str | None = None
 
     def __post_init__(self) -> None:
         check_choice(self.version, "version", ("standard", "apgd"))
         check_int(self.steps, "steps", minimum=1)
         check_int(self.queries, "queries", minimum=1)
         check_int(self.restarts, "restarts", minimum=1)
+        if self.norm is not None:
+            threat_model(self.norm)
         if self.epsilon is not None:
-            as_pixel_fraction(self.epsilon, "epsilon")
+            check_radius(self.epsilon, "epsilon", self.norm)
+
+    @property
+    def threat(self) -> ThreatModel:
+        """The threat model of ``norm`` (L∞'s while unresolved)."""
+        return threat_model(self.norm or "linf")
+
+    def resolved(self, norm: str | ThreatModel) -> AutoAttackSpec:
+        """This attack in ``norm``'s threat model if it names no norm itself (ε checked against it); itself
+        otherwise."""
+        return self if self.norm is not None else dataclasses.replace(self, norm=threat_model(norm).norm)
 
     @property
     def key(self) -> str:
         """The name under which the accuracy is logged (``val/robust/<key>``)."""
-        return self.name or ("autoattack" if self.version == "standard" else "apgd")
+        return self.name or self.threat.key("autoattack" if self.version == "standard" else "apgd")
 
     @property
     def title(self) -> str:
-        return "AutoAttack" if self.version == "standard" else "APGD-CE+DLR"
+        """The column's title: ``AutoAttack`` or ``APGD-CE+DLR``, with the norm outside L∞."""
+        return self.threat.title("AutoAttack" if self.version == "standard" else "APGD-CE+DLR")
 
     def epsilon_for(self, default: float) -> float:
-        return default if self.epsilon is None else as_pixel_fraction(self.epsilon, "epsilon")
+        """The radius this attack runs at: its own ``epsilon``, else ``default``."""
+        return default if self.epsilon is None else check_radius(self.epsilon, "epsilon", self.norm)
 
     def describe(self, epsilon: float, num_classes: int = 10) -> str:
-        """Everything that defines the number: the attacks, their parameters, ε, and the order they run in."""
-        from freeadv_pl.evaluation import _pixels  # one formatting of pixel values; evaluation imports this module
-
-        epsilon = self.epsilon_for(epsilon)
+        """Everything that defines the number: the attacks, their parameters, the norm and ε, and the order they
+        run in."""
+        radius = self.threat.describe(self.epsilon_for(epsilon))
         each = f"{self.steps} steps, {self.restarts} restart{'s' if self.restarts > 1 else ''} each"
         if self.version == "apgd":
-            return (
-                f"APGD-CE, then APGD-DLR (torchattacks; L∞ ε = {_pixels(epsilon)}; {each}; each on what the earlier "
-                "left)"
-            )
+            return f"APGD-CE, then APGD-DLR (torchattacks; {radius}; {each}; each on what the earlier left)"
         targets = _targets(num_classes)
         return (
             f"AutoAttack, standard version (Croce & Hein 2020, on torchattacks): APGD-CE, APGD-T ({targets} target "
-            f"classes), FAB-T ({targets} target classes), Square ({self.queries:,} queries); L∞ ε = "
-            f"{_pixels(epsilon)}; {each}; each on what the earlier left"
+            f"classes), FAB-T ({targets} target classes), Square ({self.queries:,} queries); {radius}; {each}; "
+            "each on what the earlier left"
         )
 
     @staticmethod
@@ -118,7 +140,8 @@ class AutoAttackSpec:
                 version, 3 for ``"apgd"``).
         """
         self.ensure_available()
-        epsilon = self.epsilon_for(epsilon)
+        threat = self.threat
+        epsilon = threat.radius(self.epsilon_for(epsilon), "epsilon")
         device = x.device
         draw_on = generator.device if generator is not None else None
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=draw_on))
@@ -139,7 +162,8 @@ class AutoAttackSpec:
                 if index.numel() == 0:
                     break
                 attack = build(model, epsilon, seed + number)
-                candidate = threat_model("linf").project_images(attack(x[index], y[index]).to(device, x.dtype), x[index], epsilon)
+                found = attack(x[index], y[index]).to(device, x.dtype)
+                candidate = threat.project_images(found, x[index], epsilon)  # verified inside the ball and [0, 1]
                 with torch.no_grad():
                     broken = model(candidate).argmax(dim=1) != y[index]
                 x_adv[index[broken]] = candidate[broken]
@@ -157,7 +181,8 @@ class AutoAttackSpec:
                 f"sorted logits), got {num_classes}: evaluate with PGD and CW instead, e.g. test_attacks='pgd20' or "
                 "a list of AttackSpec(loss='cw')."
             )
-        common = {"norm": "Linf", "steps": self.steps, "n_restarts": self.restarts}
+        norm = self.threat.torchattacks_norm
+        common = {"norm": norm, "steps": self.steps, "n_restarts": self.restarts}
         apgd = {**common, "eot_iter": 1, "rho": 0.75}
 
         def apgd_ce(model: nn.Module, epsilon: float, seed: int) -> Any:
@@ -188,7 +213,7 @@ class AutoAttackSpec:
         def square(model: nn.Module, epsilon: float, seed: int) -> Any:
             return torchattacks.Square(
                 model,
-                norm="Linf",
+                norm=norm,
                 eps=epsilon,
                 n_queries=self.queries,
                 n_restarts=self.restarts,

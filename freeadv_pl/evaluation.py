@@ -1,25 +1,36 @@
-"""Accuracy of a model on a dataset, clean or under an attack, and the paper's attack suites (pure PyTorch, no
-Lightning)."""
+"""Accuracy of a model on a dataset, clean or under an attack, and the paper's attack suites, in the L∞ or the L2
+threat model (pure PyTorch, no Lightning).
+
+A suite's columns are any objects of the :class:`EvaluationAttack` protocol: :class:`AttackSpec` (natural, PGD-k,
+CW-k), :class:`~freeadv_pl.AutoAttackSpec`, or a user's own attack.
+"""
 
 from __future__ import annotations
 
-import functools
-import itertools
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-from freeadv_pl._checks import as_pixel_fraction, check_choice, check_int
-from freeadv_pl._modes import temporary_mode
-from freeadv_pl.attacks import ModelMode, pgd
+from freeadv_pl._suite import EXAMPLES, WORST, bind, count, missing_members
+from freeadv_pl.attack_spec import AttackSpec
 from freeadv_pl.autoattack import AutoAttackSpec
+from freeadv_pl.threat_models import ThreatModel, threat_model
+
+__all__ = [
+    "ATTACK_PRESETS",
+    "Attack",
+    "AttackSpec",
+    "EvaluationAttack",
+    "SuiteAttack",
+    "attack_suite",
+    "count_correct",
+    "robust_accuracy",
+]
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
 """Maps (model, images, labels) to adversarial images, e.g. ``functools.partial(pgd, epsilon=0.1, ...)``."""
-WORST, EXAMPLES = "worst", "examples"  # robust_accuracy's keys beside the attacks'
 
 
 def count_correct(
@@ -37,163 +48,93 @@ def count_correct(
         >>> count_correct(model, [(torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 0]))])[1]
         3
     """
-    counts = _count(model, batches, {"attack": lambda x, y, generator: x if attack is None else attack(model, x, y)})
+    counts = count(model, batches, {"attack": lambda x, y, generator: x if attack is None else attack(model, x, y)})
     return counts["attack"], counts[EXAMPLES]
 
 
-def _count(
-    model: nn.Module,
-    batches: Iterable[tuple[Tensor, Tensor]],
-    attacks: dict[str, Callable[..., Tensor]],
-    *,
-    seed: int = 0,
-    numbers: Iterable[int] | None = None,
-    bf16: bool = False,
-    training: bool = False,
-    inspect: Callable[[nn.Module, Tensor, Tensor], None] | None = None,
-) -> dict[str, int]:
-    """The one counting loop: correct examples per key of ``attacks`` (``(x, y, generator=...) -> x_adv``), under
-    every one (``WORST``) and in all (``EXAMPLES``). Batch ``b`` (``numbers[i]`` for the i-th; default ``i``) seeds
-    the generator with ``seed + b``; ``inspect`` sees the first batch; ``training`` is the model's mode."""
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device)
-    counts = dict.fromkeys([*attacks, WORST, EXAMPLES], torch.zeros((), dtype=torch.long, device=device))
-    with temporary_mode(model, training):
-        for number, (x, y) in zip(itertools.count() if numbers is None else numbers, batches):
-            x, y = x.to(device), y.to(device)
-            if inspect is not None:
-                inspect(model, x, y)
-                inspect = None
-            unbroken = torch.ones_like(y, dtype=torch.bool)
-            for key, attack in attacks.items():
-                generator.manual_seed(seed + number)  # the same starts for every attack: restarts never help
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    x_adv = attack(x, y, generator=generator)
-                    with torch.no_grad():
-                        correct = model(x_adv).argmax(dim=1) == y
-                unbroken &= correct
-                counts[key] = counts[key] + correct.sum()
-            counts[WORST] = counts[WORST] + unbroken.sum()
-            counts[EXAMPLES] = counts[EXAMPLES] + len(y)
-    return {key: int(count) for key, count in counts.items()}
+@runtime_checkable
+class EvaluationAttack(Protocol):
+    """What an evaluation suite needs of an attack: one column of :func:`robust_accuracy` and
+    :class:`~freeadv_pl.RobustEvaluation`. :class:`AttackSpec` and :class:`~freeadv_pl.AutoAttackSpec` are two.
 
+    To plug in an attack of your own, give it these members and put it in the suite's list:
 
-@dataclass(frozen=True)
-class AttackSpec:
-    """One attack of an evaluation suite, fully described (docs/design.md, "Honest evaluation").
+    - ``key``: the metric's name (``val/robust/<key>``), distinct within the suite; by convention it names the norm
+      outside L∞ (:meth:`~freeadv_pl.threat_models.ThreatModel.key`: ``pgd20_l2``).
+    - ``title``: the column's title in the printed report (:meth:`~freeadv_pl.threat_models.ThreatModel.title`).
+    - ``epsilon``: None to take the evaluation's ε, or a radius of its own.
+    - ``describe(epsilon, num_classes)``: everything that defines the number, for the report.
+    - ``resolved(norm)``: the attack in the evaluation's threat model (``"linf"`` or ``"l2"``) if it leaves the norm
+      to the evaluation, itself otherwise; the suite resolves every column before reading its ``key``.
+    - ``__call__(model, x, y, epsilon, generator=None)``: the adversarial images, in [0, 1] and in the ε-ball.
+      ``epsilon`` is the evaluation's ε (the attack's own ``epsilon`` wins over it); ``generator`` is seeded with
+      ``seed + b`` for batch ``b``, the same for every column; gradients are the attack's to switch on (it may be
+      called under ``no_grad`` or ``inference_mode``) and the model's mode is eval.
 
-    ``steps=0`` is natural (clean) accuracy. Otherwise L∞ PGD on the ``loss`` (``"cw"``: PGD on the CW margin, the
-    paper's CW-k), ``steps`` steps of ``step_size``, ``restarts`` random starts (per-example worst case).
-
-    Args:
-        steps: number of PGD steps; 0 for natural accuracy.
-        loss: ``"ce"`` or ``"cw"``.
-        step_size: step in pixel units (float or ``"2/255"``); None: ε/4 (2/255 at ε = 8/255).
-        restarts: number of random starts.
-        epsilon: radius in pixel units; None: the evaluation's ε (the training module's).
-        random_start: start from δ ~ U(-ε, ε) (otherwise from δ = 0).
-        name: key of the logged metric; None: derived, e.g. ``pgd20``, ``cw100``, ``pgd20x10``, ``natural``.
+    Optional: ``perturbs = False`` for a column that returns the images unchanged (it then needs no ε). An example
+    counts under ``worst`` only if every column leaves it correct.
 
     Example:
-        >>> AttackSpec(steps=20, restarts=10).describe(8 / 255)
-        'PGD-20 (CE loss, ε = 8/255, step 2/255, 10 random restarts)'
-        >>> AttackSpec(steps=20, restarts=10).key
-        'pgd20x10'
+        The best of a few random points of the ball, a weak baseline, as a column:
+
+        >>> import dataclasses
+        >>> @dataclasses.dataclass(frozen=True)
+        ... class RandomNoise:
+        ...     tries: int = 10
+        ...     norm: str | None = None
+        ...     epsilon: float | None = None
+        ...
+        ...     @property
+        ...     def key(self):
+        ...         return threat_model(self.norm or "linf").key(f"noise{self.tries}")
+        ...
+        ...     @property
+        ...     def title(self):
+        ...         return threat_model(self.norm or "linf").title(f"Noise-{self.tries}")
+        ...
+        ...     def describe(self, epsilon, num_classes=10):
+        ...         return f"{self.tries} random points ({threat_model(self.norm or 'linf').describe(epsilon)})"
+        ...
+        ...     def resolved(self, norm):
+        ...         return self if self.norm else dataclasses.replace(self, norm=norm)
+        ...
+        ...     def __call__(self, model, x, y, epsilon, generator=None):
+        ...         threat, best = threat_model(self.norm or "linf"), x
+        ...         with torch.no_grad():
+        ...             for _ in range(self.tries):
+        ...                 point = threat.project_images(x + threat.random_start(x, epsilon, generator), x, epsilon)
+        ...                 wrong = model(point).argmax(dim=1) != y
+        ...                 best = torch.where(wrong.view(-1, 1, 1, 1), point, best)
+        ...         return best
+        >>> isinstance(RandomNoise(), EvaluationAttack)
+        True
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+        >>> batches = [(torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 0]))]
+        >>> sorted(robust_accuracy(model, batches, [AttackSpec(steps=0), RandomNoise()], 0.5, norm="l2"))
+        ['examples', 'natural', 'noise10_l2', 'worst']
     """
 
-    steps: int = 20
-    loss: Literal["ce", "cw"] = "ce"
-    step_size: float | str | None = None
-    restarts: int = 1
-    epsilon: float | str | None = None
-    random_start: bool = True
-    name: str | None = None
-
-    def __post_init__(self) -> None:
-        check_int(self.steps, "steps", minimum=0)
-        check_choice(self.loss, "loss", ("ce", "cw"))
-        check_int(self.restarts, "restarts", minimum=1)
-        if self.step_size is not None:
-            as_pixel_fraction(self.step_size, "step_size", allow_zero=False)
-        if self.epsilon is not None:
-            as_pixel_fraction(self.epsilon, "epsilon")
+    @property
+    def key(self) -> str: ...
 
     @property
-    def key(self) -> str:
-        """The name under which the accuracy is logged (``val/robust/<key>``)."""
-        if self.name:
-            return self.name
-        if self.steps == 0:
-            return "natural"
-        return f"{self.loss if self.loss == 'cw' else 'pgd'}{self.steps}" + (
-            f"x{self.restarts}" if self.restarts > 1 else ""
-        )
+    def title(self) -> str: ...
 
     @property
-    def title(self) -> str:
-        """A column title in the paper's style: ``natural``, ``PGD-20``, ``CW-100``, ``10-restart PGD-20``."""
-        if self.steps == 0:
-            return "natural"
-        title = f"{'CW' if self.loss == 'cw' else 'PGD'}-{self.steps}"
-        return f"{self.restarts}-restart {title}" if self.restarts > 1 else title
+    def epsilon(self) -> float | str | None: ...
 
-    def epsilon_for(self, default: float) -> float:
-        return default if self.epsilon is None else as_pixel_fraction(self.epsilon, "epsilon")
+    def describe(self, epsilon: float, num_classes: int = 10) -> str: ...
 
-    def step_size_for(self, epsilon: float) -> float:
-        return epsilon / 4 if self.step_size is None else as_pixel_fraction(self.step_size, "step_size")
-
-    def describe(self, epsilon: float, num_classes: int = 10) -> str:
-        """Everything that defines the number: attack, loss, ε, step, restarts and start (for any ``num_classes``)."""
-        if self.steps == 0:
-            return "natural (clean images)"
-        epsilon = self.epsilon_for(epsilon)
-        start = (
-            f"{self.restarts} random restarts"
-            if self.restarts > 1
-            else ("1 random start" if self.random_start else "start at δ = 0")
-        )
-        return (
-            f"{self.title.split()[-1]} ({self.loss.upper()} loss, ε = {_pixels(epsilon)}, "
-            f"step {_pixels(self.step_size_for(epsilon))}, {start})"
-        )
+    def resolved(self, norm: str) -> EvaluationAttack: ...
 
     def __call__(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        y: Tensor,
-        epsilon: float,
-        generator: torch.Generator | None = None,
-        model_mode: ModelMode = "eval",
-    ) -> Tensor:
-        """The adversarial images (``x`` itself for natural accuracy), the model in ``model_mode`` meanwhile."""
-        if self.steps == 0:
-            return x
-        epsilon = self.epsilon_for(epsilon)
-        return pgd(
-            model,
-            x,
-            y,
-            epsilon=epsilon,
-            step_size=self.step_size_for(epsilon),
-            steps=self.steps,
-            restarts=self.restarts,
-            loss=self.loss,
-            random_start=self.random_start,
-            model_mode=model_mode,
-            generator=generator,
-        )
+        self, model: nn.Module, x: Tensor, y: Tensor, epsilon: float, generator: torch.Generator | None = None
+    ) -> Tensor: ...
 
 
-def _pixels(value: float) -> str:
-    """``8/255`` for whole multiples of 1/255 (up to rounding), the decimal otherwise."""
-    levels = round(value * 255)
-    return f"{levels}/255" if abs(levels - value * 255) < 1e-6 else f"{value:g}"
-
-
-SuiteAttack = AttackSpec | AutoAttackSpec
-"""One column of an evaluation suite."""
+SuiteAttack = AttackSpec | AutoAttackSpec | EvaluationAttack
+"""One column of an evaluation suite: any :class:`EvaluationAttack`. The two specs are named so that a config file can
+give them as mappings (``- steps: 20``, ``- version: apgd``)."""
 
 ATTACK_PRESETS: dict[str, tuple[SuiteAttack, ...]] = {
     # The paper's CIFAR evaluation (ε = 8/255, step 2/255).
@@ -213,12 +154,65 @@ ATTACK_PRESETS: dict[str, tuple[SuiteAttack, ...]] = {
     ),
     # A cheap check during training: natural and PGD-20 (step ε/4).
     "pgd20": (AttackSpec(steps=0), AttackSpec(steps=20)),
+    # The same in L2, whatever the training's norm.
+    "pgd20_l2": (AttackSpec(steps=0), AttackSpec(steps=20, norm="l2")),
     # RobustBench's number: AutoAttack's standard version, beside PGD-20 (step ε/4) for the gradient-masking check.
     "autoattack": (AttackSpec(steps=0), AttackSpec(steps=20), AutoAttackSpec()),
+    # The same in L2 (RobustBench's L2 leaderboard), whatever the training's norm.
+    "autoattack_l2": (AttackSpec(steps=0), AttackSpec(steps=20, norm="l2"), AutoAttackSpec(norm="l2")),
     # A cheaper AutoAttack-style check for the end of each epoch: APGD-CE, then APGD-DLR.
     "apgd": (AttackSpec(steps=0), AutoAttackSpec(version="apgd")),
 }
-"""Attack suites by name, for ``RobustEvaluation(attacks="cifar")``."""
+"""Attack suites by name, for ``RobustEvaluation(attacks="cifar")``. Attacks that name no norm take the
+evaluation's; ``pgd20_l2`` and ``autoattack_l2`` are L2 whatever it is."""
+
+
+def attack_suite(
+    attacks: str | Sequence[SuiteAttack], norm: str | ThreatModel | None = None, *, name: str = "attacks"
+) -> tuple[SuiteAttack, ...]:
+    """The columns of a suite, checked: a preset's (:data:`ATTACK_PRESETS`) or a list of :class:`EvaluationAttack`;
+    with ``norm``, each resolved in that threat model (:meth:`EvaluationAttack.resolved`) and their keys checked
+    for duplicates. ``name`` is the argument's name in the messages.
+
+    Raises:
+        ValueError: on an unknown preset or norm, an empty list, a column that lacks a member of the protocol, or
+            two columns with the same key (or one named ``worst`` or ``examples``).
+        ModuleNotFoundError: on an AutoAttack column without torchattacks.
+
+    Example:
+        >>> [attack.key for attack in attack_suite("autoattack", "l2")]
+        ['natural', 'pgd20_l2', 'autoattack_l2']
+    """
+    if isinstance(attacks, str):
+        if attacks not in ATTACK_PRESETS:
+            raise ValueError(f"{name}={attacks!r} is not a preset: use one of {', '.join(ATTACK_PRESETS)} or a list")
+        suite = ATTACK_PRESETS[attacks]
+    else:
+        suite = tuple(attacks) if isinstance(attacks, Sequence) else ()
+        if not suite:
+            raise ValueError(
+                f"{name} must be a preset name or a non-empty list of AttackSpec/AutoAttackSpec (or attacks of your "
+                f"own: freeadv_pl.EvaluationAttack), got {attacks!r}"
+            )
+        for index, attack in enumerate(suite):
+            if missing := missing_members(attack):
+                raise TypeError(
+                    f"{name}[{index}] ({type(attack).__name__}) is no attack of a suite: it lacks "
+                    f"{', '.join(missing)}. Use an AttackSpec or AutoAttackSpec, or give your attack the members of "
+                    "freeadv_pl.EvaluationAttack."
+                )
+    if norm is not None:
+        threat = threat_model(norm)
+        suite = tuple(attack.resolved(threat.norm) for attack in suite)
+    keys = [attack.key for attack in suite]
+    if len(set(keys)) != len(keys) or {WORST, EXAMPLES} & set(keys):
+        raise ValueError(
+            f"{name} has attacks with the same name, or one named {WORST!r} or {EXAMPLES!r} (the worst case's and "
+            f"the example count's keys): {keys}. Give them distinct `name`s."
+        )
+    if any(isinstance(attack, AutoAttackSpec) for attack in suite):
+        AutoAttackSpec.ensure_available()  # before training, not at its end
+    return suite
 
 
 def robust_accuracy(
@@ -227,6 +221,7 @@ def robust_accuracy(
     attacks: str | Sequence[SuiteAttack],
     epsilon: float | str,
     *,
+    norm: str | ThreatModel = "linf",
     seed: int = 0,
     bf16: bool = False,
 ) -> dict[str, float]:
@@ -237,8 +232,11 @@ def robust_accuracy(
     Args:
         model: maps images in [0, 1] to logits; it runs in eval mode (modes restored), on its parameters' device.
         batches: ``(images, labels)`` pairs, e.g. a DataLoader.
-        attacks: a preset name of :data:`ATTACK_PRESETS` or a list of :class:`AttackSpec`/:class:`AutoAttackSpec`.
-        epsilon: the L∞ radius (a float or ``"8/255"``) of the attacks that set none of their own.
+        attacks: a preset name of :data:`ATTACK_PRESETS` or a list of :class:`EvaluationAttack`
+            (:class:`AttackSpec`, :class:`~freeadv_pl.AutoAttackSpec`, your own).
+        epsilon: the radius (a float or ``"8/255"``) of the attacks that set none of their own.
+        norm: the evaluation's threat model, ``"linf"`` or ``"l2"``: that of the attacks that name none (keys then
+            name it outside L∞, e.g. ``pgd20_l2``).
         seed: seed of the random starts.
         bf16: run the attacks' forward passes under bf16 autocast (weaker attacks: not for reported numbers).
 
@@ -247,7 +245,8 @@ def robust_accuracy(
         ``"examples"``, their number.
 
     Raises:
-        ValueError: on an unknown preset, an empty or duplicated suite, or no examples.
+        ValueError: on an unknown preset or norm, an ε outside the norm's range, an empty or duplicated suite, or no
+            examples.
         ModuleNotFoundError: on an AutoAttack suite without torchattacks.
 
     Example:
@@ -255,38 +254,13 @@ def robust_accuracy(
         >>> batches = [(torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 0]))]
         >>> sorted(robust_accuracy(model, batches, "pgd20", "8/255"))
         ['examples', 'natural', 'pgd20', 'worst']
+        >>> sorted(robust_accuracy(model, batches, "pgd20", 0.5, norm="l2"))
+        ['examples', 'natural', 'pgd20_l2', 'worst']
     """
-    suite, epsilon = _suite(attacks, "attacks"), as_pixel_fraction(epsilon, "epsilon")
-    counts = _count(model, batches, _bind(suite, model, epsilon), seed=seed, bf16=bf16)
+    threat = threat_model(norm)
+    suite, epsilon = attack_suite(attacks, threat), threat.radius(epsilon, "epsilon")
+    counts = count(model, batches, bind(suite, model, epsilon), seed=seed, bf16=bf16)
     examples = counts.pop(EXAMPLES)
     if not examples:
         raise ValueError("robust_accuracy got no examples: pass batches of (images, labels), e.g. a DataLoader")
     return {key: count / examples for key, count in counts.items()} | {EXAMPLES: examples}
-
-
-def _bind(suite: Sequence[SuiteAttack], model: nn.Module, epsilon: float, **options: str) -> dict[str, Callable]:
-    """The suite as ``_count`` takes it: by key, ``(x, y, generator=...) -> adversarial x`` on ``model`` at ε."""
-    return {attack.key: functools.partial(attack, model, epsilon=epsilon, **options) for attack in suite}
-
-
-def _suite(attacks: str | Sequence[SuiteAttack], name: str) -> tuple[SuiteAttack, ...]:
-    """A preset or a list of attacks, checked; ``name`` is the argument's name for the messages."""
-    if isinstance(attacks, str):
-        if attacks not in ATTACK_PRESETS:
-            raise ValueError(f"{name}={attacks!r} is not a preset: use one of {', '.join(ATTACK_PRESETS)} or a list")
-        suite = ATTACK_PRESETS[attacks]
-    else:
-        suite = tuple(attacks)
-        if not suite or not all(isinstance(attack, (AttackSpec, AutoAttackSpec)) for attack in suite):
-            raise ValueError(
-                f"{name} must be a preset name or a non-empty list of AttackSpec/AutoAttackSpec, got {attacks!r}"
-            )
-        keys = [attack.key for attack in suite]
-        if len(set(keys)) != len(keys) or {WORST, EXAMPLES} & set(keys):
-            raise ValueError(
-                f"{name} has attacks with the same name, or one named {WORST!r} or {EXAMPLES!r} (the worst case's and "
-                f"the example count's keys): {keys}. Give them distinct `name`s."
-            )
-    if any(isinstance(attack, AutoAttackSpec) for attack in suite):
-        AutoAttackSpec.ensure_available()  # before training, not at its end
-    return suite

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from freeadv_pl._checks import as_number, as_pixel_fraction, check_choice
 
-__all__ = ["L2", "THREAT_MODELS", "LInf", "ThreatModel", "threat_model"]
+__all__ = ["L2", "THREAT_MODELS", "LInf", "ThreatModel", "check_radius", "format_pixels", "threat_model"]
 
 _TINY = 1e-12  # the smallest gradient or perturbation norm divided by
 
@@ -65,6 +65,11 @@ class ThreatModel:
         """The radius as reports write it, e.g. ``L∞ ε = 8/255`` or ``L2 ε = 0.5``."""
         return f"{self.symbol} ε = {format_pixels(epsilon)}"
 
+    def label(self, epsilon: float) -> str:
+        """The radius as an attack's description writes it: :meth:`describe`, without the norm's name in L∞ (the
+        default, unnamed as in :meth:`key` and :meth:`title`): ``ε = 8/255``, ``L2 ε = 0.5``."""
+        return self.describe(epsilon)
+
     def key(self, base: str) -> str:
         """A metric key for this norm: ``base`` itself in L∞ (the default), ``base_l2`` otherwise."""
         return base if self.norm == "linf" else f"{base}_{self.norm}"
@@ -102,6 +107,9 @@ class LInf(ThreatModel):
 
     def project(self, delta: Tensor, epsilon: float | Tensor) -> Tensor:
         return delta.clamp(-epsilon, epsilon)
+
+    def label(self, epsilon: float) -> str:
+        return f"ε = {format_pixels(epsilon)}"
 
     def project_images(self, x_adv: Tensor, x: Tensor, epsilon: float) -> Tensor:
         # On the images (min/max against x ± ε), which is how the attacks have always rounded.
@@ -165,6 +173,33 @@ def threat_model(norm: str | ThreatModel = "linf") -> ThreatModel:
     if not isinstance(norm, str):
         raise TypeError(f"norm must be one of {', '.join(map(repr, THREAT_MODELS))}, got {norm!r}")
     return THREAT_MODELS[check_choice(norm, "norm", tuple(THREAT_MODELS))]
+
+
+def check_radius(
+    value: float | str, name: str = "epsilon", norm: str | ThreatModel | None = None, *, allow_zero: bool = True
+) -> float:
+    """``value`` as a radius or step size of ``norm``'s threat model (:meth:`ThreatModel.radius`); with ``norm=None``
+    (not known yet: an evaluation's norm comes from the training module), a value that some threat model accepts, to
+    be checked against the norm once it is known. The error then gives every threat model's range, the default's
+    (L∞'s) first.
+
+    Example:
+        >>> check_radius("8/255") == 8 / 255, check_radius(3.0), check_radius(0.5, norm="l2")
+        (True, 3.0, 0.5)
+    """
+    if norm is not None:
+        return threat_model(norm).radius(value, name, allow_zero=allow_zero)
+    errors = []
+    for threat in THREAT_MODELS.values():
+        try:
+            return threat.radius(value, name, allow_zero=allow_zero)
+        except ValueError as error:
+            errors.append((threat, str(error)))
+    (default, first), *others = errors
+    raise ValueError(
+        f"{first} ({default.symbol}, the default norm); "
+        + "; ".join(f"with norm={threat.norm!r}: {message}" for threat, message in others)
+    )
 
 
 def format_pixels(value: float) -> str:

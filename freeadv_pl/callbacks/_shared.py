@@ -1,5 +1,5 @@
-"""What the attacking callbacks share: their ε, their attack, the first validation/test DataLoader, when to run and
-counts summed over the processes."""
+"""What the attacking callbacks share: their threat model and ε, their attack, the first validation/test DataLoader,
+when to run and counts summed over the processes."""
 
 from __future__ import annotations
 
@@ -9,22 +9,63 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from freeadv_pl.evaluation import AttackSpec, SuiteAttack
+from freeadv_pl._suite import needs_epsilon
+from freeadv_pl.attack_spec import AttackSpec
+from freeadv_pl.evaluation import SuiteAttack
+from freeadv_pl.threat_models import ThreatModel, check_radius, threat_model
 
 
-def epsilon(callback: Callback, pl_module: LightningModule, attacks: Sequence[SuiteAttack]) -> float:
-    """The ε of ``attacks``: 0.0 when none needs one (natural accuracy, or each sets its own), else the callback's
-    ``epsilon``, else the module's; a ``ValueError`` naming the fix when neither has one."""
-    if all(attack.steps == 0 or attack.epsilon is not None for attack in attacks):
+def init_norm_and_epsilon(norm: str | None, epsilon: float | str | None) -> tuple[str | None, float | None]:
+    """A callback's ``norm`` and ``epsilon`` arguments, checked: ε against the norm's threat model when one is given,
+    otherwise as a radius of some threat model (checked against the module's norm at the first use)."""
+    norm = None if norm is None else threat_model(norm).norm
+    return norm, None if epsilon is None else check_radius(epsilon, "epsilon", norm)
+
+
+def threat(callback: Callback, pl_module: LightningModule) -> ThreatModel:
+    """The evaluation's threat model: the callback's ``norm``, else the module's, else L∞."""
+    norm = callback.norm if callback.norm is not None else getattr(pl_module, "norm", None)
+    return threat_model(norm or "linf")
+
+
+def epsilon(
+    callback: Callback, pl_module: LightningModule, attacks: Sequence[SuiteAttack], threat: ThreatModel
+) -> float:
+    """The ε of ``attacks`` in ``threat``: 0.0 when none needs one (natural accuracy, or each sets its own), else the
+    callback's ``epsilon``, else the module's; a ``ValueError`` naming the fix when neither has one or it does not
+    fit the threat model."""
+    if not any(needs_epsilon(attack) for attack in attacks):
         return 0.0
-    epsilon = callback.epsilon if callback.epsilon is not None else getattr(pl_module, "epsilon", None)
-    if epsilon is None:
-        name = type(callback).__name__
+    name = type(callback).__name__
+    own = callback.epsilon is not None
+    value = callback.epsilon if own else getattr(pl_module, "epsilon", None)
+    if value is None:
         raise ValueError(
             f"{name} needs an ε: {type(pl_module).__name__} has no `epsilon`. Set {name}(epsilon=...) (e.g. 8/255; in "
             "YAML: epsilon: 8/255)."
         )
-    return float(epsilon)
+    try:
+        return threat.radius(value, "epsilon")
+    except ValueError as error:
+        source = f"{name}(epsilon={value!r})" if own else f"{type(pl_module).__name__}.epsilon"
+        if callback.norm is not None:
+            norm = f"{name}(norm={callback.norm!r})"
+        else:
+            has = getattr(pl_module, "norm", None) is not None
+            norm = f"{type(pl_module).__name__}.norm" if has else f"the default: {type(pl_module).__name__} has no norm"
+        raise ValueError(
+            f"{source} does not fit the {threat.symbol} threat model ({norm}): {error}. Give {name} the norm the "
+            f"ε is meant for, e.g. {name}(norm='l2')."
+        ) from None
+
+
+def resolved_attack(attack: AttackSpec, threat: ThreatModel, callback: Callback) -> AttackSpec:
+    """``attack`` in ``threat`` (unless it names its own norm), its ε and step size checked against it, the message
+    naming the callback."""
+    try:
+        return attack.resolved(threat)
+    except ValueError as error:
+        raise ValueError(f"{type(callback).__name__}'s attack in the {threat.symbol} threat model: {error}") from None
 
 
 def perturbing(attack: Any, purpose: str, example: str) -> AttackSpec:

@@ -17,10 +17,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, default_collate
 from typing_extensions import override
 
-from freeadv_pl._checks import as_pixel_fraction, check_int
+from freeadv_pl._checks import check_int
 from freeadv_pl._modes import temporary_mode
+from freeadv_pl.attack_spec import AttackSpec
 from freeadv_pl.callbacks import _shared
-from freeadv_pl.evaluation import AttackSpec
+from freeadv_pl.threat_models import threat_model
 
 _MIN_TILE = 64  # images are enlarged by a whole factor to at least this many pixels, so that they can be seen
 _PAD = 4
@@ -37,7 +38,9 @@ class AdversarialExamplesLogger(Callback):
 
     At the end of every ``every_n_epochs``-th validation epoch of ``fit`` (and of every ``trainer.validate``; never
     during the sanity check) the first ``num_images`` images of the first validation dataloader's dataset, the same
-    ones every time, are attacked with ``attack`` in eval mode, its random start seeded with ``seed`` each time. The
+    ones every time, are attacked with ``attack`` in eval mode, in the training module's threat model (its ``norm``,
+    L∞ or L2; L∞ for a module without one) unless ``norm`` or the attack's own says otherwise, its random start
+    seeded with ``seed`` each time. The
     grid's rows: the clean images (captioned with the label and the prediction, green if right, red if wrong), the
     adversarial images (with the prediction) and ``0.5 + perturbation_scale · δ`` (grey: no change; with
     max ``|δ|``), each image enlarged by a whole factor. With a ``TensorBoardLogger`` it goes to
@@ -49,17 +52,20 @@ class AdversarialExamplesLogger(Callback):
     Args:
         every_n_epochs: log at the end of every n-th validation epoch of ``fit``.
         num_images: how many validation images (the first ones of the dataset) to show.
-        attack: the attack (:class:`~freeadv_pl.evaluation.AttackSpec` with ``steps`` ≥ 1); None: PGD-20 with
-            step ε/4 and a random start.
-        epsilon: the L∞ radius (a float or ``"8/255"``); None takes the training module's ``epsilon`` (required
-            when the module has none, e.g. ``NaturalModule``). An ``epsilon`` set in ``attack`` wins over both.
+        attack: the attack (:class:`~freeadv_pl.AttackSpec` with ``steps`` ≥ 1); None: PGD-20 with step ε/4 and a
+            random start.
+        epsilon: the radius (a float or ``"8/255"``; at most 1 in L∞, any finite number ≥ 0 in L2); None takes the
+            training module's ``epsilon`` (required when the module has none, e.g. ``NaturalModule``). An
+            ``epsilon`` set in ``attack`` wins over both.
         perturbation_scale: the factor that makes δ visible in row 3; None: 1 / (2ε).
         class_names: names of the classes for the captions (e.g. Fashion-MNIST's ``T-shirt/top``, ...); None: the
             class indices.
         seed: seed of the attack's random start.
+        norm: the attack's threat model, ``"linf"`` or ``"l2"``; None: the training module's ``norm``.
 
     Raises:
-        ValueError: on ``every_n_epochs`` or ``num_images`` < 1, an attack with 0 steps, an ε or scale out of range,
+        ValueError: on ``every_n_epochs`` or ``num_images`` < 1, an attack with 0 steps, an unknown norm, an ε (for
+            the norm) or scale out of range,
             an empty ``class_names``; at the first logging, when no ε is given and the module has none.
         TypeError: when ``attack`` is not an ``AttackSpec``.
 
@@ -86,12 +92,15 @@ class AdversarialExamplesLogger(Callback):
         perturbation_scale: float | None = None,
         class_names: Sequence[str] | None = None,
         seed: int = 0,
+        norm: str | None = None,
     ) -> None:
         self.every_n_epochs = check_int(every_n_epochs, "every_n_epochs", minimum=1)
         self.num_images = check_int(num_images, "num_images", minimum=1)
         attack = AttackSpec(steps=20) if attack is None else attack
         self.attack = _shared.perturbing(attack, "no perturbation to show", "AttackSpec(steps=20)")
-        self.epsilon = None if epsilon is None else as_pixel_fraction(epsilon, "epsilon")
+        self.norm, self.epsilon = _shared.init_norm_and_epsilon(norm, epsilon)
+        if self.norm is not None:
+            _shared.resolved_attack(self.attack, threat_model(self.norm), self)  # its ε and step size checked now
         if perturbation_scale is not None and (
             isinstance(perturbation_scale, bool)
             or not isinstance(perturbation_scale, numbers.Real)
@@ -150,11 +159,13 @@ class AdversarialExamplesLogger(Callback):
         return self._examples
 
     def _run(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        epsilon = self.attack.epsilon_for(_shared.epsilon(self, pl_module, [self.attack]))
+        threat = _shared.threat(self, pl_module)
+        attack = _shared.resolved_attack(self.attack, threat, self)
+        epsilon = attack.epsilon_for(_shared.epsilon(self, pl_module, [attack], threat))
         x, y = self._fixed_examples(trainer)
         x, y = x.to(pl_module.device), y.to(pl_module.device)
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        x_adv = self.attack(pl_module, x, y, epsilon, generator)  # pgd: eval mode, gradients on, modes restored
+        x_adv = attack(pl_module, x, y, epsilon, generator)  # pgd: eval mode, gradients on, modes restored
         with temporary_mode(pl_module, training=False), torch.no_grad():
             clean_prediction = pl_module(x).argmax(dim=1)
             adversarial_prediction = pl_module(x_adv).argmax(dim=1)
@@ -167,7 +178,7 @@ class AdversarialExamplesLogger(Callback):
             "clean_predictions": clean_prediction.cpu(),
             "adversarial_predictions": adversarial_prediction.cpu(),
         }
-        title = f"epoch {trainer.current_epoch}: clean / {self.attack.describe(epsilon)} / 0.5 + {scale:g}·δ"
+        title = f"epoch {trainer.current_epoch}: clean / {attack.describe(epsilon)} / 0.5 + {scale:g}·δ"
         self._log(trainer, self._grid(self.last_examples, title))
 
     def _name(self, label: int) -> str:

@@ -10,18 +10,22 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from freeadv_pl._checks import as_pixel_fraction, check_choice, check_int
+from freeadv_pl._checks import check_choice, check_int
+from freeadv_pl._suite import EXAMPLES, bind, count
+from freeadv_pl.attack_spec import AttackSpec
 from freeadv_pl.attacks import ModelMode
 from freeadv_pl.callbacks import _shared
-from freeadv_pl.evaluation import EXAMPLES, AttackSpec, _bind, _count
+from freeadv_pl.threat_models import threat_model
 
 _IN_CHECKPOINT = "the checkpoint's own weights"  # saved instead of a copy when the best weights are the module's
-PGD5 = AttackSpec(steps=5)  # the reference code's check: PGD-5, step ε/4
+PGD5 = AttackSpec(steps=5)  # the reference code's check: PGD-5, step ε/4 (in the training's norm)
 
 
 class CatastrophicOverfittingGuard(Callback):
     """Watches the accuracy under ``attack`` of a fixed training batch every epoch; when it falls by more than
-    ``threshold`` below its best, stops the training and restores the weights of the best epoch.
+    ``threshold`` below its best, stops the training and restores the weights of the best epoch. The attack runs in
+    the training module's threat model (its ``norm``, L∞ or L2; L∞ for a module without one) unless ``norm`` or the
+    attack's own ``norm`` says otherwise.
 
     Catastrophic overfitting (Wong et al., ICLR 2020): single-step adversarial training can suddenly resist its own
     attack while PGD accuracy falls to near zero. Like the reference code's ``--early-stop``, after every training
@@ -42,10 +46,11 @@ class CatastrophicOverfittingGuard(Callback):
     gain falls below the threshold.
 
     Args:
-        attack: the attack (:class:`~freeadv_pl.evaluation.AttackSpec` with ``steps`` ≥ 1); by default the
-            reference code's PGD-5 with step ε/4.
+        attack: the attack (:class:`~freeadv_pl.AttackSpec` with ``steps`` ≥ 1); by default the reference code's
+            PGD-5 with step ε/4.
         threshold: the drop of accuracy (a fraction, 0.2 = 20 points) below the best that triggers the guard.
-        epsilon: the L∞ radius in pixel units; None takes the module's ``epsilon``. One set in ``attack`` wins.
+        epsilon: the radius in pixel units (at most 1 in L∞, any finite number ≥ 0 in L2); None takes the
+            module's ``epsilon``. One set in ``attack`` wins.
         num_samples: how many images of the first training batch to attack; None means all of them.
         restore_best: load the best weights back into the module when the guard fires.
         model_mode: the model's mode during the check, ``"eval"`` or ``"train"`` (the reference code's, which
@@ -56,12 +61,13 @@ class CatastrophicOverfittingGuard(Callback):
             ``seed`` are not used), and fire on an epoch whose alignment falls below it.
         gain_threshold: None, or a ratio > 0 (e.g. 1.05): watch the attack gain as ``alignment_threshold`` watches
             the alignment. At most one of the two is given.
+        norm: the attack's threat model, ``"linf"`` or ``"l2"``; None: the training module's ``norm``.
 
     Raises:
         ValueError: on a ``threshold`` outside (0, 1], an attack with 0 steps, ``num_samples`` < 1, an unknown
-            ``model_mode``, an ``alignment_threshold`` outside [−1, 1], a ``gain_threshold`` ≤ 0 or not finite,
-            both thresholds, or (at fit start) no ``epsilon`` given to a module that has none; with either
-            threshold, at an epoch's end when the module recorded no such signal.
+            ``model_mode`` or ``norm``, an ε outside the norm's range, an ``alignment_threshold`` outside [−1, 1],
+            a ``gain_threshold`` ≤ 0 or not finite, both thresholds, or (at fit start) no ``epsilon`` given to a
+            module that has none; with either threshold, at an epoch's end when the module recorded no such signal.
         TypeError: when ``attack`` is not an ``AttackSpec``.
 
     Example:
@@ -90,6 +96,7 @@ class CatastrophicOverfittingGuard(Callback):
         seed: int = 0,
         alignment_threshold: float | None = None,
         gain_threshold: float | None = None,
+        norm: str | None = None,
     ) -> None:
         if gain_threshold is not None and (
             isinstance(gain_threshold, bool)
@@ -120,7 +127,9 @@ class CatastrophicOverfittingGuard(Callback):
             raise ValueError(f"threshold must be a fraction in (0, 1] (0.2 = 20 points of accuracy), got {threshold!r}")
         self.attack = _shared.perturbing(attack, "no attack to watch", "AttackSpec(steps=5)")
         self.threshold = float(threshold)
-        self.epsilon = None if epsilon is None else as_pixel_fraction(epsilon, "epsilon")
+        self.norm, self.epsilon = _shared.init_norm_and_epsilon(norm, epsilon)
+        if self.norm is not None:
+            _shared.resolved_attack(self.attack, threat_model(self.norm), self)  # its ε and step size checked now
         self.num_samples = None if num_samples is None else check_int(num_samples, "num_samples", minimum=1)
         self.restore_best = restore_best
         self.model_mode = check_choice(model_mode, "model_mode", ("eval", "train"))
@@ -138,7 +147,7 @@ class CatastrophicOverfittingGuard(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._trainer = trainer
         if stage == "fit" and self._signal is None:
-            _shared.epsilon(self, pl_module, [self.attack])  # fail before training, not after the first epoch
+            self._attack_and_epsilon(pl_module)  # fail before training, not after the first epoch
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -174,11 +183,17 @@ class CatastrophicOverfittingGuard(Callback):
         self.history = list(state_dict["history"])
         self._best_state = state_dict["best_state"]
 
+    def _attack_and_epsilon(self, pl_module: LightningModule) -> tuple[AttackSpec, float]:
+        """The attack in the evaluation's threat model, and its ε."""
+        threat = _shared.threat(self, pl_module)
+        attack = _shared.resolved_attack(self.attack, threat, self)
+        return attack, _shared.epsilon(self, pl_module, [attack], threat)
+
     def _run_check(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        epsilon = _shared.epsilon(self, pl_module, [self.attack])
-        attacks = _bind([self.attack], pl_module, epsilon, model_mode=self.model_mode)
-        counts = _count(pl_module, [self._batch], attacks, seed=self.seed, training=self.model_mode == "train")
-        correct, total = _shared.summed(trainer, pl_module.device, [counts[self.attack.key], counts[EXAMPLES]])
+        attack, epsilon = self._attack_and_epsilon(pl_module)
+        attacks = bind([attack], pl_module, epsilon, model_mode=self.model_mode)
+        counts = count(pl_module, [self._batch], attacks, seed=self.seed, training=self.model_mode == "train")
+        correct, total = _shared.summed(trainer, pl_module.device, [counts[attack.key], counts[EXAMPLES]])
         accuracy, epoch = float(correct / total), trainer.current_epoch
         self.history.append(accuracy)
         if self.best_accuracy is None or accuracy > self.best_accuracy:
@@ -191,7 +206,7 @@ class CatastrophicOverfittingGuard(Callback):
         self._fire(
             trainer,
             pl_module,
-            f"{self.attack.title} accuracy ({self.attack.describe(epsilon)}) on the fixed training batch fell to "
+            f"{attack.title} accuracy ({attack.describe(epsilon)}) on the fixed training batch fell to "
             f"{accuracy:.2%} from its best {self.best_accuracy:.2%} (epoch {self.best_epoch}), a drop of more than "
             f"{self.threshold:.0%}",
         )

@@ -1,4 +1,5 @@
-"""Robust accuracy as a first-class metric: attacks at the end of validation and test epochs, correct under DDP."""
+"""Robust accuracy as a first-class metric: attacks at the end of validation and test epochs, in the training's
+threat model (L∞ or L2), correct under DDP."""
 
 from __future__ import annotations
 
@@ -18,23 +19,29 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from freeadv_pl._checks import as_pixel_fraction, check_int
+from freeadv_pl._checks import check_int
+from freeadv_pl._suite import EXAMPLES, WORST, bind, count
+from freeadv_pl.attack_spec import AttackSpec
 from freeadv_pl.autoattack import AutoAttackSpec
 from freeadv_pl.callbacks import _shared
-from freeadv_pl.evaluation import EXAMPLES, WORST, AttackSpec, SuiteAttack, _bind, _count, _suite
+from freeadv_pl.evaluation import SuiteAttack, attack_suite
+from freeadv_pl.threat_models import ThreatModel, threat_model
 
 _PREFIX = {"validate": "val", "test": "test"}
-MASKING_GAP = 0.05  # AutoAttack this far below PGD-20 on the same examples: PGD's gradients mislead it
+MASKING_GAP = 0.05  # AutoAttack this far below PGD-20 (same norm, same ε, same examples): PGD's gradients mislead it
 # Lightning's advice, under DDP, to log an epoch-level tensor with sync_dist=True, for this callback's keys only.
 _SYNC_DIST_ADVICE = r"It is recommended to use `self\.log\('(val|test)/robust/"
 
 
 class RobustEvaluation(Callback):
-    """Accuracy under a suite of L∞ attacks on a fixed, seeded subset, at the end of validation and test epochs.
+    """Accuracy under a suite of attacks on a fixed, seeded subset, at the end of validation and test epochs, in the
+    training module's threat model (its ``norm``, L∞ or L2; L∞ for a module without one) unless ``norm`` says
+    otherwise.
 
     Logs ``val/robust/<key>`` (``test/robust/<key>`` under ``trainer.test``) for each attack, e.g.
-    ``val/robust/natural`` and ``val/robust/pgd20``, and ``val/robust/worst``, the per-example worst case over the
-    suite; each is usable as ``monitor`` in ``ModelCheckpoint`` or ``EarlyStopping``. The numbers are those of
+    ``val/robust/natural`` and ``val/robust/pgd20`` (in L2: ``val/robust/pgd20_l2``: keys and titles name the norm
+    outside L∞), and ``val/robust/worst``, the per-example worst case over the suite; each is usable as
+    ``monitor`` in ``ModelCheckpoint`` or ``EarlyStopping``. The numbers are those of
     :func:`~freeadv_pl.evaluation.robust_accuracy` on the subset's batches (batch ``b``'s random starts seeded with
     ``seed + b``); under DDP each process takes every world_size-th batch and the counts are summed, so every process
     logs the one-process figure. It works inside ``fit`` and under ``trainer.validate``/``trainer.test``; the sanity
@@ -42,14 +49,17 @@ class RobustEvaluation(Callback):
     ``robust_accuracy.json`` and ``.csv`` in the logger's folder.
 
     Warnings: on the first batch, outputs that look like probabilities and inputs with zero gradient; after a suite
-    with PGD-20 and AutoAttack, AutoAttack more than 5 points below PGD-20 (the sign of masked gradients).
+    with PGD-20 and AutoAttack of the same norm and ε, AutoAttack more than 5 points below PGD-20 (the sign of
+    masked gradients).
 
     Args:
-        attacks: the validation suite: a list of :class:`AttackSpec`/:class:`AutoAttackSpec` or the name of one of
-            :data:`~freeadv_pl.evaluation.ATTACK_PRESETS`: ``"pgd20"``, ``"cifar"``, ``"imagenet"``, ``"autoattack"``
-            or ``"apgd"`` (the last two need ``pip install "freeadv_pl[autoattack]"``).
-        epsilon: the L∞ radius (a float or ``"8/255"``); None takes the training module's ``epsilon`` (required
-            when the module has none, e.g. ``NaturalModule``).
+        attacks: the validation suite: a list of :class:`~freeadv_pl.AttackSpec`/:class:`~freeadv_pl.AutoAttackSpec`
+            (or attacks of your own: :class:`~freeadv_pl.EvaluationAttack`) or the name of one of
+            :data:`~freeadv_pl.evaluation.ATTACK_PRESETS`: ``"pgd20"``, ``"cifar"``, ``"imagenet"``,
+            ``"autoattack"``, ``"apgd"``, ``"pgd20_l2"`` or ``"autoattack_l2"`` (the AutoAttack ones need
+            ``pip install "freeadv_pl[autoattack]"``). Attacks that name no norm take the evaluation's.
+        epsilon: the radius (a float or ``"8/255"``; at most 1 in L∞, any finite number ≥ 0 in L2); None takes the
+            training module's ``epsilon`` (required when the module has none, e.g. ``NaturalModule``).
         num_samples: size of the validation subset (seeded; None: the whole validation set).
         every_n_epochs: run at the end of every n-th validation epoch of ``fit`` (``trainer.validate`` always runs).
         test_attacks: the suite for ``trainer.test``; None: ``attacks``.
@@ -58,16 +68,21 @@ class RobustEvaluation(Callback):
         seed: seed of the subsets and of the random starts.
         bf16: run the attacks' forward passes under bf16 autocast. Faster on GPUs, but it weakens the gradients
             and so the attack: off by default, and not for reported numbers.
+        norm: the evaluation's threat model, ``"linf"`` or ``"l2"``; None: the training module's ``norm`` (L∞
+            for a module without one).
 
     Raises:
-        ValueError: on an unknown preset, an empty or duplicated suite (or an attack named ``worst`` or
-            ``examples``), a size < 1, or (at the first evaluation) when no ε is given and the module has none.
+        ValueError: on an unknown preset or norm, an empty or duplicated suite (or an attack named ``worst`` or
+            ``examples``), a size < 1, an ε outside the norm's range, or (at setup) when no ε is given and the
+            module has none, or the suite's keys clash once resolved in the module's norm.
         ModuleNotFoundError: on an AutoAttack suite without torchattacks.
 
     Example:
         >>> callback = RobustEvaluation(attacks="cifar", epsilon="8/255", num_samples=1000)
         >>> [attack.key for attack in callback.attacks]
         ['natural', 'pgd20', 'pgd100', 'cw100', 'pgd20x10']
+        >>> [attack.key for attack in RobustEvaluation(attacks="autoattack", epsilon=0.5, norm="l2").attacks]
+        ['natural', 'pgd20_l2', 'autoattack_l2']
     """
 
     def __init__(
@@ -81,10 +96,13 @@ class RobustEvaluation(Callback):
         batch_size: int | None = None,
         seed: int = 0,
         bf16: bool = False,
+        norm: str | None = None,
     ) -> None:
-        self.attacks = _suite(attacks, "attacks")
-        self.test_attacks = self.attacks if test_attacks is None else _suite(test_attacks, "test_attacks")
-        self.epsilon = None if epsilon is None else as_pixel_fraction(epsilon, "epsilon")
+        self.norm, self.epsilon = _shared.init_norm_and_epsilon(norm, epsilon)
+        self.attacks = attack_suite(attacks, self.norm, name="attacks")
+        self.test_attacks = (
+            self.attacks if test_attacks is None else attack_suite(test_attacks, self.norm, name="test_attacks")
+        )
         self.num_samples = None if num_samples is None else check_int(num_samples, "num_samples", minimum=1)
         self.test_num_samples = (
             None if test_num_samples is None else check_int(test_num_samples, "test_num_samples", minimum=1)
@@ -95,6 +113,11 @@ class RobustEvaluation(Callback):
         self.bf16 = bf16
         self.results: dict[str, dict[str, float]] = {}
         self._checked = False
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage in ("fit", "validate", "test"):  # fail before training, not after it
+            self._suite(pl_module, "test" if stage == "test" else "validate")
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -135,19 +158,25 @@ class RobustEvaluation(Callback):
         )
         return numbers, loader
 
+    def _suite(self, pl_module: LightningModule, stage: str) -> tuple[ThreatModel, tuple[SuiteAttack, ...], float]:
+        """The stage's threat model, its suite resolved in it (keys checked) and its ε."""
+        threat = _shared.threat(self, pl_module)
+        name = "attacks" if stage == "validate" else "test_attacks"
+        suite = attack_suite(self.attacks if stage == "validate" else self.test_attacks, threat, name=name)
+        return threat, suite, _shared.epsilon(self, pl_module, suite, threat)
+
     def _run(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        suite = self.attacks if stage == "validate" else self.test_attacks
-        epsilon = _shared.epsilon(self, pl_module, suite)
+        threat, suite, epsilon = self._suite(pl_module, stage)
         if pl_module.training:
             rank_zero_warn(
                 "RobustEvaluation found the model in train mode during evaluation (something switched it back); "
                 "the attacks run it in eval mode."
             )
         numbers, loader = self._batches(trainer, stage)
-        counts = _count(
+        counts = count(
             pl_module,
             loader,
-            _bind(suite, pl_module, epsilon),
+            bind(suite, pl_module, epsilon),
             seed=self.seed,
             numbers=numbers,
             bf16=self.bf16,
@@ -163,23 +192,31 @@ class RobustEvaluation(Callback):
         for key, accuracy in zip(keys, summed[:-1] / summed[-1], strict=True):
             results[key] = float(accuracy)
             pl_module.log(f"{_PREFIX[stage]}/robust/{key}", accuracy, prog_bar=key not in ("natural", WORST))
-        self.results[stage] = results | {EXAMPLES: int(summed[-1]), "epsilon": epsilon}
-        self._check_masking(suite, results)
+        self.results[stage] = results | {EXAMPLES: int(summed[-1]), "epsilon": epsilon, "norm": threat.norm}
+        self._check_masking(suite, results, epsilon)
 
-    def _check_masking(self, suite: Sequence[SuiteAttack], results: dict[str, float]) -> None:
-        """Warn when AutoAttack finds far fewer robust examples than PGD-20 on the same ones."""
-        pgd20 = next(
-            (a for a in suite if isinstance(a, AttackSpec) and (a.steps, a.loss, a.restarts) == (20, "ce", 1)), None
-        )
+    def _check_masking(self, suite: Sequence[SuiteAttack], results: dict[str, float], epsilon: float = 0.0) -> None:
+        """Warn when AutoAttack finds far fewer robust examples than PGD-20 of the same norm and ε on the same ones."""
         for attack in suite:
-            if not (isinstance(attack, AutoAttackSpec) and attack.version == "standard") or pgd20 is None:
+            if not (isinstance(attack, AutoAttackSpec) and attack.version == "standard"):
                 continue
-            gap = results[pgd20.key] - results[attack.key]
+            radius = (attack.threat.norm, attack.epsilon_for(epsilon))
+            pgd20 = next(
+                (
+                    a
+                    for a in suite
+                    if isinstance(a, AttackSpec)
+                    and (a.steps, a.loss, a.restarts) == (20, "ce", 1)
+                    and (a.threat.norm, a.epsilon_for(epsilon)) == radius
+                ),
+                None,
+            )
+            gap = 0.0 if pgd20 is None else results[pgd20.key] - results[attack.key]
             if gap > MASKING_GAP:
                 rank_zero_warn(
-                    f"AutoAttack's accuracy ({100 * results[attack.key]:.1f} %) is {100 * gap:.1f} points below "
-                    f"PGD-20's ({100 * results[pgd20.key]:.1f} %) on the same examples: the model likely masks its "
-                    "gradients, so PGD numbers overstate its robustness. Report AutoAttack's."
+                    f"{attack.title}'s accuracy ({100 * results[attack.key]:.1f} %) is {100 * gap:.1f} points below "
+                    f"{pgd20.title}'s ({100 * results[pgd20.key]:.1f} %) on the same examples: the model likely masks "
+                    f"its gradients, so PGD numbers overstate its robustness. Report {attack.title}'s."
                 )
 
     def _sanity_checks(self, model: LightningModule, x: Tensor, y: Tensor) -> None:
@@ -202,9 +239,10 @@ class RobustEvaluation(Callback):
 
     def _report(self, trainer: Trainer, pl_module: LightningModule) -> None:
         result = self.results["test"]
-        epsilon = result["epsilon"]
+        epsilon, threat = result["epsilon"], threat_model(result["norm"])
         classes = getattr(pl_module, "num_classes", 10)
-        columns = [(attack.title, attack.key, attack.describe(epsilon, classes)) for attack in self.test_attacks]
+        suite = attack_suite(self.test_attacks, threat, name="test_attacks")
+        columns = [(attack.title, attack.key, attack.describe(epsilon, classes)) for attack in suite]
         worst = "per example, the worst of the columns: correct only if correct under every one"
         rows = [
             {"attack": title, "key": key, "accuracy": result[key], "description": description}
@@ -212,7 +250,7 @@ class RobustEvaluation(Callback):
         ]
         header = "| " + " | ".join(row["attack"] for row in rows) + " |"
         lines = [
-            f"Accuracy (%) of {type(pl_module).__name__} on {result['examples']:,} test images:",
+            threat.title(f"Accuracy (%) of {type(pl_module).__name__} on {result['examples']:,} test images") + ":",
             header,
             "|" + "---|" * len(rows),
             "| " + " | ".join(f"{100 * row['accuracy']:.2f}" for row in rows) + " |",
@@ -221,9 +259,8 @@ class RobustEvaluation(Callback):
         print("\n".join(lines), flush=True)
         folder = Path(trainer.log_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "robust_accuracy.json").write_text(
-            json.dumps({"examples": result["examples"], "attacks": rows}, indent=2) + "\n"
-        )
+        summary = {"examples": result["examples"], "norm": threat.norm, "epsilon": epsilon, "attacks": rows}
+        (folder / "robust_accuracy.json").write_text(json.dumps(summary, indent=2) + "\n")
         with open(folder / "robust_accuracy.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["attack", "key", "accuracy", "description"])
             writer.writeheader()
