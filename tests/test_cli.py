@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import quiet_trainer, tiny_cnn, tiny_dataset
+from dataset_files import imagenet_classes, write_cifar, write_fashion_mnist, write_image_folder
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader
 
-from conftest import quiet_trainer, tiny_cnn, tiny_dataset
-from dataset_files import imagenet_classes, write_cifar, write_fashion_mnist, write_image_folder
 from freeadv_pl import NaturalModule, RobustEvaluation
 from freeadv_pl.cli import SUBCOMMANDS, build_cli, main
+from freeadv_pl.threat_models import threat_model
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # Entry points: every YAML but the shared pieces in common/ and the quick.yaml overlays.
@@ -78,9 +79,10 @@ def test_every_config_runs_its_quick_variant(config, dataset_root, tmp_path, mon
     assert module.model.mean is not None, "mean/std are linked from the data into the model"
     assert cli.trainer.global_step == 2 * getattr(module, "replays", 1)
     assert "val/acc" in cli.trainer.callback_metrics
-    assert {"val/robust/natural", "val/robust/pgd10" if dataset == "imagenet" else "val/robust/pgd20"} <= set(
-        cli.trainer.callback_metrics
-    ), "every config evaluates robustness each epoch"
+    robust = threat_model(getattr(module, "norm", "linf")).key("pgd10" if dataset == "imagenet" else "pgd20")
+    assert {"val/robust/natural", f"val/robust/{robust}"} <= set(cli.trainer.callback_metrics), (
+        "every config evaluates robustness each epoch, in the model's threat model"
+    )
     assert (tmp_path / "lightning_logs" / "version_0" / "config.yaml").is_file()
     assert (tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
 
