@@ -2,7 +2,8 @@
 and what it needs to know of a suite's attacks (pure PyTorch, no Lightning).
 
 The attacks are any objects of the :class:`~freeadv_pl.evaluation.EvaluationAttack` protocol; this module reads only
-their ``key``, ``epsilon``, optional ``perturbs`` and calls them, so it imports neither the specs nor the protocol.
+their ``key``, ``title``, ``epsilon``, optional ``perturbs`` and ``norm``, and calls them, so it imports neither the
+specs nor the protocol.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from freeadv_pl._modes import temporary_mode
+from freeadv_pl.threat_models import ThreatModel, check_radius, threat_model
 
 WORST, EXAMPLES = "worst", "examples"  # the worst case's and the example count's keys, beside the attacks'
 MEMBERS = ("key", "title", "epsilon", "describe", "resolved")  # besides __call__: see EvaluationAttack
@@ -31,6 +33,21 @@ def needs_epsilon(attack: Any) -> bool:
     """Whether ``attack`` takes the evaluation's ε: it sets none of its own and perturbs the images at all (natural
     accuracy, ``perturbs = False``, needs no ε)."""
     return attack.epsilon is None and getattr(attack, "perturbs", True)
+
+
+def checked_epsilon(suite: Sequence[Any], epsilon: float | str, threat: ThreatModel) -> float:
+    """The evaluation's ε as a number, checked against the threat model of every attack that takes it: the attack's
+    own ``norm`` (set once resolved; optional for a user's attack), else ``threat``, the evaluation's."""
+    value = check_radius(epsilon, "epsilon")
+    for attack in suite:
+        if needs_epsilon(attack):
+            norm = getattr(attack, "norm", None)
+            own = threat if norm is None else threat_model(norm)
+            try:
+                own.radius(value, "epsilon")
+            except ValueError as error:
+                raise ValueError(f"{error} ({attack.title} runs in {own.symbol})") from None
+    return value
 
 
 def bind(suite: Sequence[Any], model: nn.Module, epsilon: float, **options: Any) -> dict[str, Callable[..., Tensor]]:

@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from freeadv_pl._suite import EXAMPLES, WORST, bind, count, missing_members
+from freeadv_pl._suite import EXAMPLES, WORST, bind, checked_epsilon, count, missing_members
 from freeadv_pl.attack_spec import AttackSpec
 from freeadv_pl.autoattack import AutoAttackSpec
 from freeadv_pl.threat_models import ThreatModel, threat_model
@@ -71,8 +71,10 @@ class EvaluationAttack(Protocol):
       ``seed + b`` for batch ``b``, the same for every column; gradients are the attack's to switch on (it may be
       called under ``no_grad`` or ``inference_mode``) and the model's mode is eval.
 
-    Optional: ``perturbs = False`` for a column that returns the images unchanged (it then needs no ε). An example
-    counts under ``worst`` only if every column leaves it correct.
+    Optional: ``perturbs = False`` for a column that returns the images unchanged (it then needs no ε); ``norm``
+    (``"linf"`` or ``"l2"`` once resolved) to have the evaluation's ε checked against your attack's norm before it
+    runs (otherwise against the evaluation's). An example counts under ``worst`` only if every column leaves it
+    correct.
 
     Example:
         The best of a few random points of the ball, a weak baseline, as a column:
@@ -195,6 +197,11 @@ def attack_suite(
                 f"own: freeadv_pl.EvaluationAttack), got {attacks!r}"
             )
         for index, attack in enumerate(suite):
+            if isinstance(attack, str):
+                raise TypeError(
+                    f"{name}[{index}] is the string {attack!r}: a preset's name is given alone ({name}={attack!r}); "
+                    "a list holds attacks, e.g. AttackSpec(steps=20)"
+                )
             if missing := missing_members(attack):
                 raise TypeError(
                     f"{name}[{index}] ({type(attack).__name__}) is no attack of a suite: it lacks "
@@ -234,7 +241,8 @@ def robust_accuracy(
         batches: ``(images, labels)`` pairs, e.g. a DataLoader.
         attacks: a preset name of :data:`ATTACK_PRESETS` or a list of :class:`EvaluationAttack`
             (:class:`AttackSpec`, :class:`~freeadv_pl.AutoAttackSpec`, your own).
-        epsilon: the radius (a float or ``"8/255"``) of the attacks that set none of their own.
+        epsilon: the radius (a float or ``"8/255"``) of the attacks that set none of their own, checked against the
+            norm of each (``robust_accuracy(model, batches, "autoattack_l2", 1.5)`` is an L2 evaluation).
         norm: the evaluation's threat model, ``"linf"`` or ``"l2"``: that of the attacks that name none (keys then
             name it outside L∞, e.g. ``pgd20_l2``).
         seed: seed of the random starts.
@@ -258,7 +266,8 @@ def robust_accuracy(
         ['examples', 'natural', 'pgd20_l2', 'worst']
     """
     threat = threat_model(norm)
-    suite, epsilon = attack_suite(attacks, threat), threat.radius(epsilon, "epsilon")
+    suite = attack_suite(attacks, threat)
+    epsilon = checked_epsilon(suite, epsilon, threat)
     counts = count(model, batches, bind(suite, model, epsilon), seed=seed, bf16=bf16)
     examples = counts.pop(EXAMPLES)
     if not examples:

@@ -25,11 +25,13 @@ EPSILON = 0.1
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def fit_with_logger(tmp_path: Path, callback: AdversarialExamplesLogger, epochs: int, **trainer_kwargs):
-    module = FreeAdversarialModule(tiny_cnn(), 3, replays=2, epsilon=EPSILON)
+def fit_with_logger(tmp_path: Path, callback: AdversarialExamplesLogger, epochs: int, l2: bool = False, **kwargs):
+    """Free-2 (L∞ ε = 0.1, or with ``l2`` L2 ε = 0.5) on the banded task, the callback watching."""
+    norm = {"norm": "l2", "epsilon": 0.5} if l2 else {"epsilon": EPSILON}
+    module = FreeAdversarialModule(tiny_cnn(), 3, replays=2, **norm)
     train = DataLoader(banded_dataset(64, seed=1), batch_size=16, shuffle=False)
     val = DataLoader(banded_dataset(20, seed=2), batch_size=10)
-    trainer = quiet_trainer(max_epochs=epochs, callbacks=[callback], **trainer_kwargs)
+    trainer = quiet_trainer(max_epochs=epochs, callbacks=[callback], **kwargs)
     trainer.fit(module, train, val)
     return module, val.dataset
 
@@ -87,6 +89,21 @@ def test_the_default_scale_maps_the_epsilon_ball_onto_black_to_white(tmp_path):
     drawn = callback.last_examples["perturbation"]
     assert torch.allclose(drawn, 0.5 + delta / (2 * EPSILON), atol=1e-6)
     assert drawn.min() >= 0 and drawn.max() <= 1
+
+
+@pytest.mark.parametrize(
+    "norm, epsilon, in_l2_ball",
+    [pytest.param(None, 0.5, True, id="the-modules-l2"), pytest.param("linf", 0.05, False, id="its-own-linf")],
+)
+def test_the_attack_runs_in_the_modules_norm_unless_given_its_own(tmp_path, norm, epsilon, in_l2_ball):
+    callback = AdversarialExamplesLogger(num_images=4, attack=AttackSpec(steps=5), epsilon=epsilon, norm=norm)
+    fit_with_logger(tmp_path, callback, epochs=1, l2=True, default_root_dir=tmp_path)
+    delta = callback.last_examples["adversarial"] - callback.last_examples["clean"]
+    l2, linf = delta.flatten(1).norm(dim=1), delta.flatten(1).abs().amax(dim=1)
+    if in_l2_ball:
+        assert l2.max() <= 0.5 + 1e-5 and l2.min() > 0.25 and linf.max() > 0.05
+    else:
+        assert linf.max() <= 0.05 + 1e-6 and l2.max() > 0.05
 
 
 def test_trainer_validate_draws_too_under_inference_mode(tmp_path):

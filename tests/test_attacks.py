@@ -1,4 +1,5 @@
-"""Tests of freeadv_pl.attacks: the ε-ball and [0, 1], torchattacks as a reference, restarts, the CW margin."""
+"""Tests of freeadv_pl.attacks: the ε-ball and [0, 1], torchattacks as a reference (PGD, PGDL2, FGSM), restarts, the
+CW margin, L2 CW-k against a hand-written loop."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from conftest import needs_cuda, needs_fashion_mnist, quiet_trainer, tiny_cnn
-from freeadv_pl import FashionMNISTDataModule, NaturalModule, SmallCNN
+from freeadv_pl import AttackSpec, FashionMNISTDataModule, NaturalModule, SmallCNN
 from freeadv_pl.attacks import cw_loss, fgsm, pgd, uniform_perturbation
 from freeadv_pl.evaluation import count_correct
 
@@ -57,6 +59,91 @@ def test_fgsm_equals_torchattacks_fgsm(batch):
     x, y = batch
     model = tiny_cnn()
     torch.testing.assert_close(fgsm(model, x, y, epsilon=0.1), torchattacks.FGSM(model, eps=0.1)(x, y))
+
+
+def _l2_norms(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1)
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+@pytest.mark.parametrize("epsilon", [0.0, 0.5, 3.0])
+def test_l2_adversarial_examples_stay_in_the_l2_ball_and_in_unit_range(attack, epsilon, batch):
+    x, y = batch
+    x_adv = attack(tiny_cnn(), x, y, epsilon=epsilon, norm="l2")
+    assert x_adv.shape == x.shape
+    assert _l2_norms(x_adv - x).max() <= epsilon + 1e-5
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert not x_adv.requires_grad
+
+
+@pytest.mark.parametrize("random_start", [False, True], ids=["zero-start", "random-start"])
+def test_l2_pgd_equals_torchattacks_pgdl2(random_start, batch):
+    torchattacks = pytest.importorskip("torchattacks")
+    x, y = batch
+    model = tiny_cnn()
+    # Our L2 start draws as PGDL2's does (a normal draw shaped like x, then a uniform radius per example), so the same
+    # global seed gives the same start.
+    torch.manual_seed(5)
+    ours = pgd(model, x, y, epsilon=0.5, step_size=0.1, steps=10, random_start=random_start, norm="l2")
+    torch.manual_seed(5)
+    reference = torchattacks.PGDL2(model, eps=0.5, alpha=0.1, steps=10, random_start=random_start)(x, y)
+    torch.testing.assert_close(ours, reference, atol=1e-6, rtol=0)
+    assert _l2_norms(ours - x).max() == pytest.approx(0.5, abs=1e-5), "the sphere is reached: the projection acts"
+    assert not torch.equal(ours, pgd(model, x, y, epsilon=0.5, step_size=0.1, steps=10, random_start=False)), (
+        "L2 differs from L∞ at the same ε"
+    )
+
+
+def test_l2_cw_equals_a_hand_written_loop(batch):
+    x, y = batch
+    model = tiny_cnn()
+    epsilon, alpha = 0.5, 0.1
+    x_adv = x.clone()
+    for _ in range(10):
+        x_adv.requires_grad_(True)
+        logits = model(x_adv)
+        true_logit = logits.gather(1, y[:, None]).squeeze(1)
+        wrong_logit = logits.masked_fill(F.one_hot(y, 3).bool(), float("-inf")).amax(dim=1)
+        (grad,) = torch.autograd.grad((wrong_logit - true_logit).sum(), x_adv)
+        step = alpha * grad / _l2_norms(grad).clamp_min(1e-12).view(-1, 1, 1, 1)
+        delta = x_adv.detach() + step - x
+        delta = delta * torch.clamp(epsilon / _l2_norms(delta).clamp_min(1e-12), max=1.0).view(-1, 1, 1, 1)
+        x_adv = (x + delta).clamp(0.0, 1.0)
+    cw10 = AttackSpec(steps=10, loss="cw", step_size=alpha, random_start=False, norm="l2")
+    assert cw10.key == "cw10_l2" and cw10.describe(epsilon) == "CW-10 (CW loss, L2 ε = 0.5, step 0.1, start at δ = 0)"
+    torch.testing.assert_close(cw10(model, x, y, epsilon), x_adv, atol=1e-6, rtol=0)
+    assert (model(x_adv).argmax(dim=1) != y).any(), "the attack breaks some examples"
+
+
+def test_l2_fgsm_is_one_normalized_gradient_step_of_size_epsilon(batch):
+    x, y = batch
+    model = tiny_cnn()
+    inputs = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(inputs), y, reduction="sum"), inputs)
+    by_hand = (x + 0.5 * grad / _l2_norms(grad).view(-1, 1, 1, 1)).clamp(0.0, 1.0)
+    torch.testing.assert_close(fgsm(model, x, y, epsilon=0.5, norm="l2"), by_hand, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        pytest.param(dict(epsilon=-0.5), r"epsilon must be a finite number ≥ 0 \(an L2 radius", id="epsilon<0"),
+        pytest.param(dict(epsilon=float("inf")), "epsilon must be a finite number ≥ 0.*got inf", id="epsilon-inf"),
+        pytest.param(dict(epsilon=float("nan")), "epsilon must be a finite number ≥ 0.*got nan", id="epsilon-nan"),
+        pytest.param(dict(step_size=0), "step_size must be a finite number > 0", id="step=0"),
+        pytest.param(dict(norm="l1"), "norm must be one of 'linf', 'l2', got 'l1'", id="norm"),
+    ],
+)
+def test_bad_l2_arguments_are_named(kwargs, match, batch):
+    arguments = dict(epsilon=0.5, step_size=0.1, steps=2, norm="l2") | kwargs
+    with pytest.raises(ValueError, match=match):
+        pgd(tiny_cnn(), *batch, **arguments)
+
+
+def test_an_l2_radius_above_one_is_accepted(batch):
+    x, y = batch
+    x_adv = pgd(tiny_cnn(), x, y, epsilon=3.0, step_size=1.0, steps=3, norm="l2")
+    assert 1.0 < _l2_norms(x_adv - x).max() <= 3.0 + 1e-5
 
 
 def test_cw_loss_matches_hand_computed_margins():

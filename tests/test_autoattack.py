@@ -1,5 +1,6 @@
 """AutoAttack: our cascade agrees with torchattacks' four attacks run one after another on a model trained on real
-Fashion-MNIST, is never above PGD-20, breaks most of a naturally trained model, and its bad inputs name the fix."""
+Fashion-MNIST, and in L2 with torchattacks' AutoAttack(norm="L2"); it is never above PGD-20 of its norm, breaks most
+of a naturally trained model, and its bad inputs name the fix."""
 
 from __future__ import annotations
 
@@ -13,10 +14,18 @@ from conftest import needs_fashion_mnist, quiet_trainer, tiny_cnn, tiny_dataset
 from torch import nn
 from torch.utils.data import DataLoader
 
-from freeadv_pl import AttackSpec, AutoAttackSpec, FashionMNISTDataModule, NaturalModule, RobustEvaluation
+from freeadv_pl import (
+    AttackSpec,
+    AutoAttackSpec,
+    FashionMNISTDataModule,
+    NaturalModule,
+    RobustEvaluation,
+    robust_accuracy,
+)
 from freeadv_pl.models import InputNormalization
 
 EPSILON = 0.1
+L2_EPSILON = 1.0  # on 28×28 images; L∞ 0.1 allows an L2 change of up to 2.8
 N_TEST = 100
 
 
@@ -35,15 +44,15 @@ def fashion_mnist():
     return data, test
 
 
-def _train(data: FashionMNISTDataModule, adversarial: bool) -> nn.Module:
-    """Three epochs of plain SGD, on PGD-3 examples (step ε/2, random start) when ``adversarial``."""
+def _train(data: FashionMNISTDataModule, adversarial: bool, norm: str = "linf", epsilon: float = EPSILON) -> nn.Module:
+    """Three epochs of plain SGD, on PGD-3 examples of the ``norm`` (step ε/2, random start) when ``adversarial``."""
     model = _mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):
         for x, y in DataLoader(data.train_set, batch_size=100, shuffle=True, generator=generator):
             if adversarial:
-                x = AttackSpec(steps=3, step_size=EPSILON / 2)(model, x, y, EPSILON, generator)
+                x = AttackSpec(steps=3, step_size=epsilon / 2, norm=norm)(model, x, y, epsilon, generator)
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad()
             loss.backward()
@@ -95,6 +104,41 @@ def test_breaks_a_naturally_trained_model(fashion_mnist):
     # This small MLP, trained for 3 epochs, keeps ~12 % (PGD-20: ~16 %) of its ~71 % at ε = 0.1.
     assert clean > 0.6 and robust < 0.2 * clean
     assert float((x_adv - x).abs().max()) <= EPSILON + 1e-6 and 0 <= float(x_adv.min()) and float(x_adv.max()) <= 1
+
+
+@needs_fashion_mnist
+def test_the_l2_preset_agrees_with_torchattacks_autoattack_l2_and_is_below_l2_pgd20(fashion_mnist):
+    data, (x, y) = fashion_mnist
+    model = _train(data, adversarial=True, norm="l2", epsilon=L2_EPSILON)
+    ours = robust_accuracy(model, [(x, y)], "autoattack_l2", L2_EPSILON)
+    # torchattacks' standard version, with the official 100 steps of APGD, APGD-T and FAB (torchattacks' default: 10).
+    reference = torchattacks.AutoAttack(model, norm="L2", eps=L2_EPSILON, version="standard", n_classes=10, seed=0)
+    for attack in reference._autoattack.attacks:
+        if hasattr(attack, "steps"):
+            attack.steps = 100
+    x_reference = reference(x, y)
+    with torch.no_grad():
+        theirs = int((model(x_reference).argmax(dim=1) == y).sum())
+    assert ours["natural"] - ours["autoattack_l2"] > 0.1, "the L2 attacks remove accuracy"
+    assert ours["autoattack_l2"] > 0.3, "an L2-trained model keeps some L2 robustness (the comparison means something)"
+    assert abs(round(ours["autoattack_l2"] * N_TEST) - theirs) <= 1, (ours, theirs)  # within 1 point (1 image)
+    assert ours["autoattack_l2"] <= ours["pgd20_l2"]
+    x_ours = AutoAttackSpec(norm="l2")(model, x[:20], y[:20], L2_EPSILON)
+    assert float((x_ours - x[:20]).flatten(1).norm(dim=1).max()) <= L2_EPSILON + 1e-5, "inside the L2 ball"
+    assert 0 <= float(x_ours.min()) and float(x_ours.max()) <= 1
+
+
+def test_the_l2_spec_builds_torchattacks_l2_attacks():
+    spec = AutoAttackSpec(norm="l2")
+    assert (spec.key, spec.title) == ("autoattack_l2", "AutoAttack (L2)")
+    assert "; L2 ε = 0.5;" in spec.describe(0.5) and "L∞" not in spec.describe(0.5)
+    built = [build(tiny_cnn(10), 0.5, 0) for build in spec._attacks(10)]
+    assert [type(attack).__name__ for attack in built] == ["APGD", "APGDT", "FAB", "Square"]
+    assert {attack.norm for attack in built} == {"L2"}
+    assert {attack.norm for attack in (build(tiny_cnn(10), 0.5, 0) for build in AutoAttackSpec()._attacks(10))} == {
+        "Linf"
+    }
+    assert AutoAttackSpec().resolved("l2") == spec and spec.resolved("linf") is spec, "a norm of its own stays"
 
 
 def test_keeps_the_global_random_state():

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from freeadv_pl import (
     AttackSpec,
+    AutoAttackSpec,
     CIFAR10DataModule,
     FashionMNISTDataModule,
     FreeAdversarialModule,
@@ -187,6 +188,54 @@ CASES = {
     ),
     "restarts<1": Case(
         lambda run: AttackSpec(steps=20, restarts=0), ValueError, ("restarts must be an integer ≥ 1", "got 0")
+    ),
+    "attack-norm": Case(
+        lambda run: AttackSpec(steps=20, norm="l1"), ValueError, ("norm must be one of 'linf', 'l2'", "got 'l1'")
+    ),
+    "autoattack-norm": Case(
+        lambda run: AutoAttackSpec(norm="Linf"), ValueError, ("norm must be one of 'linf', 'l2'", "got 'Linf'")
+    ),
+    "evaluation-norm": Case(
+        lambda run: RobustEvaluation(norm="l3"), ValueError, ("norm must be one of 'linf', 'l2'", "got 'l3'")
+    ),
+    "l2-epsilon<0": Case(
+        lambda run: AttackSpec(norm="l2", epsilon=-0.5),
+        ValueError,
+        ("epsilon must be a finite number ≥ 0", "an L2 radius in pixel units", "0.5 is CIFAR-10's usual", "got -0.5"),
+    ),
+    "l2-epsilon-inf": Case(
+        lambda run: RobustEvaluation(norm="l2", epsilon=float("inf")),
+        ValueError,
+        ("epsilon must be a finite number ≥ 0", "got inf"),
+    ),
+    "l2-epsilon-nan": Case(
+        lambda run: AutoAttackSpec(norm="l2", epsilon=float("nan")),
+        ValueError,
+        ("epsilon must be a finite number ≥ 0", "got nan"),
+    ),
+    "evaluation-epsilon-before-the-norm": Case(
+        lambda run: RobustEvaluation(epsilon=-1),
+        ValueError,
+        ("epsilon must lie in [0, 1]", "(L∞, the default norm); with norm='l2': epsilon must be a finite number ≥ 0"),
+    ),
+    "evaluation-epsilon-vs-the-modules-norm": Case(
+        lambda run: run.trainer(callbacks=[RobustEvaluation(epsilon=1.5)]).validate(
+            NaturalModule(tiny_cnn(), 3), tiny_loader(), verbose=False
+        ),
+        ValueError,
+        ("RobustEvaluation(epsilon=1.5) does not fit the threat model", "got 1.5 (PGD-20 runs in L∞)")
+        + ("NaturalModule has no norm", "e.g. RobustEvaluation(norm='l2')"),
+    ),
+    "evaluation-attack-without-the-protocol": Case(
+        lambda run: RobustEvaluation([AttackSpec(steps=0), torch.nn.Identity()]),
+        TypeError,
+        ("attacks[1] (Identity) is no attack of a suite", "it lacks key, title, epsilon, describe, resolved")
+        + ("freeadv_pl.EvaluationAttack",),
+    ),
+    "evaluation-preset-in-a-list": Case(
+        lambda run: RobustEvaluation(["pgd20"]),
+        TypeError,
+        ("attacks[0] is the string 'pgd20'", "a preset's name is given alone (attacks='pgd20')"),
     ),
     "gradient_clip_norm<=0": Case(
         lambda run: _free(gradient_clip_norm=0.0), ValueError, ("gradient_clip_norm must be a finite number > 0",)

@@ -81,6 +81,19 @@ def test_fires_on_a_collapse_stops_and_restores_the_best_weights(lightning_log):
     assert "(PGD-5 (CE loss, ε = 0.01, step 0.0025, 1 random start))" in lightning_log.text
 
 
+def test_the_guard_attacks_in_the_modules_norm_unless_given_its_own(lightning_log):
+    module = _collapsing_module()
+    module.norm = "l2"  # what a training module in L2 declares
+    guard = CatastrophicOverfittingGuard(epsilon=0.05, threshold=0.2)
+    _fit(module, guard)
+    assert guard.fired_epoch == COLLAPSE_EPOCH
+    assert "(PGD-5 (CE loss, L2 ε = 0.05, step 0.0125, 1 random start))" in lightning_log.text
+    attack, epsilon = CatastrophicOverfittingGuard(epsilon=0.05, norm="linf")._attack_and_epsilon(module)
+    assert (attack.key, attack.norm, epsilon) == ("pgd5", "linf", 0.05)
+    attack, _ = CatastrophicOverfittingGuard(AttackSpec(steps=5, norm="linf"), epsilon=0.05)._attack_and_epsilon(module)
+    assert attack.norm == "linf", "the attack's own norm wins"
+
+
 def test_without_restore_best_the_weights_stay_and_training_still_stops():
     module = _collapsing_module()
     guard = CatastrophicOverfittingGuard(epsilon=0.01, restore_best=False)
@@ -169,6 +182,10 @@ def test_a_module_without_epsilon_needs_one():
         pytest.param({"attack": AttackSpec(steps=0)}, r"steps ≥ 1.*AttackSpec\(steps=5\)", id="steps"),
         pytest.param({"num_samples": 0}, "num_samples must be an integer ≥ 1", id="samples"),
         pytest.param({"epsilon": "8/256x"}, "epsilon must be a number in", id="epsilon"),
+        pytest.param({"epsilon": -0.1}, r"epsilon must lie in \[0, 1\].*norm='l2'", id="epsilon<0"),
+        pytest.param({"epsilon": 1.5, "norm": "linf"}, r"epsilon must lie in \[0, 1\]", id="epsilon>1-linf"),
+        pytest.param({"epsilon": float("nan"), "norm": "l2"}, "finite number ≥ 0.*got nan", id="epsilon-nan-l2"),
+        pytest.param({"norm": "L2"}, "norm must be one of 'linf', 'l2', got 'L2'", id="norm"),
         pytest.param({"model_mode": "inference"}, "model_mode must be one of", id="mode"),
     ],
 )

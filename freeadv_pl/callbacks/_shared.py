@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from freeadv_pl._suite import needs_epsilon
+from freeadv_pl._suite import checked_epsilon, needs_epsilon
 from freeadv_pl.attack_spec import AttackSpec
 from freeadv_pl.evaluation import SuiteAttack
 from freeadv_pl.threat_models import ThreatModel, check_radius, threat_model
@@ -45,7 +45,7 @@ def epsilon(
             "YAML: epsilon: 8/255)."
         )
     try:
-        return threat.radius(value, "epsilon")
+        return checked_epsilon(attacks, value, threat)
     except ValueError as error:
         source = f"{name}(epsilon={value!r})" if own else f"{type(pl_module).__name__}.epsilon"
         if callback.norm is not None:
@@ -54,8 +54,8 @@ def epsilon(
             has = getattr(pl_module, "norm", None) is not None
             norm = f"{type(pl_module).__name__}.norm" if has else f"the default: {type(pl_module).__name__} has no norm"
         raise ValueError(
-            f"{source} does not fit the {threat.symbol} threat model ({norm}): {error}. Give {name} the norm the "
-            f"ε is meant for, e.g. {name}(norm='l2')."
+            f"{source} does not fit the threat model: {error}. The evaluation's norm is {threat.symbol} ({norm}): "
+            f"give {name} an ε of its range, or the norm the ε is meant for, e.g. {name}(norm='l2')."
         ) from None
 
 
