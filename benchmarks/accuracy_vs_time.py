@@ -167,6 +167,13 @@ def accuracy(
 AUTOATTACK = AutoAttackSpec()
 
 
+def _autoattack_pair(epsilon: float, norm: str) -> tuple[AttackSpec, AutoAttackSpec]:
+    """PGD-20 (step ε/4) and AutoAttack's standard version in ``norm``'s threat model."""
+    if norm == "linf":
+        return TEST_ATTACKS["PGD-20"], AUTOATTACK
+    return AttackSpec(steps=20, step_size=epsilon / 4, norm=norm), AutoAttackSpec(norm=norm)
+
+
 def autoattack_subset(dataset: Dataset, size: int, seed: int) -> Subset:
     """The seeded subset of ``size`` test images that AutoAttack (and PGD-20 beside it) is run on."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
@@ -174,21 +181,22 @@ def autoattack_subset(dataset: Dataset, size: int, seed: int) -> Subset:
 
 
 def autoattack_columns(
-    module: LightningModule, subset: Subset, seed: int, epsilon: float = EPSILON
+    module: LightningModule, subset: Subset, seed: int, epsilon: float = EPSILON, norm: str = "linf"
 ) -> dict[str, float]:
-    """AutoAttack's accuracy (%), PGD-20's on the same images, and the gap between them (PGD-20 − AutoAttack)."""
-    scores = accuracy(
-        module, subset, {"PGD-20 (AA images)": TEST_ATTACKS["PGD-20"], "AutoAttack": AUTOATTACK}, seed, epsilon
-    )
+    """AutoAttack's accuracy (%), PGD-20's on the same images, and the gap between them (PGD-20 − AutoAttack), in
+    ``norm``'s threat model."""
+    pgd20, autoattack = _autoattack_pair(epsilon, norm)
+    scores = accuracy(module, subset, {"PGD-20 (AA images)": pgd20, "AutoAttack": autoattack}, seed, epsilon)
     return scores | {"PGD-20 − AutoAttack": scores["PGD-20 (AA images)"] - scores["AutoAttack"]}
 
 
-def autoattack_descriptions(subset: Subset, epsilon: float = EPSILON) -> dict[str, str]:
+def autoattack_descriptions(subset: Subset, epsilon: float = EPSILON, norm: str = "linf") -> dict[str, str]:
     """Column titles of :func:`autoattack_columns` for the results table."""
     on = f"on {len(subset):,} seeded test images"
+    pgd20, autoattack = _autoattack_pair(epsilon, norm)
     return {
-        "PGD-20 (AA images)": f"{TEST_ATTACKS['PGD-20'].describe(epsilon)} {on}",
-        "AutoAttack": f"{AUTOATTACK.describe(epsilon)}, {on}",
+        "PGD-20 (AA images)": f"{pgd20.describe(epsilon)} {on}",
+        "AutoAttack": f"{autoattack.describe(epsilon)}, {on}",
         "PGD-20 − AutoAttack": "PGD-20 − AutoAttack, points",
     }
 

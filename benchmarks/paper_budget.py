@@ -5,7 +5,11 @@ epochs, all at one ε with SmallCNN.
 The paper trains Free-8 for ~205 natural epochs' worth of steps (80,000 on CIFAR-10): 25 passes over the unique
 data. N = 80 gives Free-8 10 passes. Free-m recipes are written ``m=8,memory=example,step=0.5,noise=0.5,reset=4,
 warmup=2`` (``step`` and ``noise`` in units of ε, ``reset`` in epochs, ``warmup`` in epochs; see
-``FreeAdversarialModule``); ``--free`` replaces the default list, ``--methods`` picks rows by name.
+``FreeAdversarialModule``; ``loss=trades`` trains on TRADES, ``beta=`` its β, 6 by default, and such a replay costs two
+passes, so the row runs N/(2m) epochs); ``--free`` replaces the default list, ``--methods`` picks rows by name.
+``--norm l2`` trains and attacks every row in the L2 threat model (ε an L2 radius); ``--trades-pgd`` adds 10-PGD
+TRADES (β = 6, step ε/4) for N epochs and at natural training's cost (N/12 epochs: 10 attack passes and 2 for the
+step).
 
 Every method is trained with SGD (momentum 0.9, weight decay 5e-4, batch 128) and a one-cycle learning rate
 (linear warm-up over 40 % of the run's optimizer steps to the peak, then linear decay to ~0), at one peak per
@@ -62,7 +66,7 @@ DEFAULT_FREE = [
     "m=8,memory=batch,step=1",  # the paper's ε_step = ε
     "m=8,memory=example,step=0.5",  # per-example memory alone
 ]
-_RECIPE_KEYS = {"m", "memory", "step", "noise", "reset", "warmup"}
+_RECIPE_KEYS = {"m", "memory", "step", "noise", "reset", "warmup", "loss", "beta"}
 MARKERS = "osD^v<>ph*PX"
 
 
@@ -84,7 +88,11 @@ def free_recipe(text: str, epsilon: float) -> tuple[str, dict[str, Any]]:
         arguments["delta_reset_every"] = int(fields["reset"])
     if "warmup" in fields:
         arguments["epsilon_warmup_epochs"] = int(fields["warmup"])
-    extras = ", ".join(f"{key} {fields[key]}" for key in ("noise", "reset", "warmup") if key in fields)
+    if "loss" in fields:
+        arguments["loss"] = fields["loss"]
+    if "beta" in fields:
+        arguments["trades_beta"] = float(fields["beta"])
+    extras = ", ".join(f"{key} {fields[key]}" for key in ("noise", "reset", "warmup", "loss", "beta") if key in fields)
     name = f"Free-{fields['m']} {arguments['delta_memory']}, step {fields.get('step', '1')}ε" + (
         f", {extras}" if extras else ""
     )
@@ -96,17 +104,24 @@ def methods(
 ) -> dict[str, tuple[type[LightningModule], int, dict[str, Any], float]]:
     """name: (module class, epochs, module arguments, peak lr) at the budget rule's epochs for N natural epochs: the
     baselines first, then the Free recipes (the order rows run in)."""
-    n, epsilon = args.epochs, args.epsilon
+    n, epsilon, norm = args.epochs, args.epsilon, {"norm": args.norm}
     table: dict[str, tuple[type[LightningModule], int, dict[str, Any], float]] = {
         "natural": (NaturalModule, n, {}, args.lr_natural)
     }
-    pgd = {"steps": 7, "epsilon": epsilon, "step_size": epsilon / 4}
-    table["FGSM-RS"] = (FastAdversarialModule, n // 2, {"epsilon": epsilon, "step_size": 1.25 * epsilon}, args.lr_fgsm)
+    pgd = {"steps": 7, "epsilon": epsilon, "step_size": epsilon / 4, **norm}
+    fgsm = {"epsilon": epsilon, "step_size": 1.25 * epsilon, **norm}
+    table["FGSM-RS"] = (FastAdversarialModule, n // 2, fgsm, args.lr_fgsm)
     table["PGD-7, natural's cost"] = (PGDAdversarialModule, n // 8, pgd, args.lr_pgd)
     table["PGD-7"] = (PGDAdversarialModule, n, pgd, args.lr_pgd)
+    if args.trades_pgd:
+        trades = {"steps": 10, "epsilon": epsilon, "step_size": epsilon / 4, "loss": "trades", **norm}
+        table["PGD-10 TRADES, natural's cost"] = (PGDAdversarialModule, max(1, n // 12), trades, args.lr_pgd)
+        table["PGD-10 TRADES"] = (PGDAdversarialModule, n, trades, args.lr_pgd)
     for text in args.free or DEFAULT_FREE:
         name, arguments = free_recipe(text, epsilon)
-        table[name] = (FreeAdversarialModule, n // arguments["replays"], arguments, args.lr_free)
+        arguments.update(norm)
+        passes = arguments["replays"] * (2 if arguments.get("loss") == "trades" else 1)
+        table[name] = (FreeAdversarialModule, n // passes, arguments, args.lr_free)
     return table
 
 
@@ -114,6 +129,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=80, help="N, natural training's epochs (a multiple of 8)")
     parser.add_argument("--epsilon", type=float, default=0.1)
+    parser.add_argument("--norm", choices=("linf", "l2"), default="linf", help="the threat model of every row")
+    parser.add_argument("--trades-pgd", action="store_true", help="add the 10-PGD TRADES rows")
     parser.add_argument("--train-size", type=int, default=20000, help="training images")
     parser.add_argument("--val-size", type=int, default=5000, help="training images held out for validation")
     parser.add_argument("--val-eval-size", type=int, default=1000, help="validation images scored with PGD-10")
@@ -149,12 +166,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         )
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    epsilon = args.epsilon
-    validation_attack = AttackSpec(steps=10, step_size=epsilon / 4)
+    epsilon, norm = args.epsilon, args.norm
+    validation_attack = AttackSpec(steps=10, step_size=epsilon / 4, norm=norm)
     test_attacks = {
         "natural": AttackSpec(steps=0),
-        "PGD-20": AttackSpec(steps=20, step_size=epsilon / 4),
-        "CW-20": AttackSpec(steps=20, loss="cw", step_size=epsilon / 4),
+        "PGD-20": AttackSpec(steps=20, step_size=epsilon / 4, norm=norm),
+        "CW-20": AttackSpec(steps=20, loss="cw", step_size=epsilon / 4, norm=norm),
     }
 
     def log(message: str) -> None:
@@ -173,12 +190,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     data.setup("test")
     validation = Subset(data.val_set, range(min(args.val_eval_size, len(data.val_set))))
     aa_subset = autoattack_subset(data.test_set, args.autoattack_size, args.seed) if args.autoattack_size else None
-    out = Path(args.out) if args.out else RESULTS / f"paper_budget_{args.device}_eps{epsilon:g}".replace(".", "_")
+    suffix = "" if norm == "linf" else f"_{norm}"
+    out = Path(args.out) if args.out else RESULTS / f"paper_budget_{args.device}{suffix}_eps{epsilon:g}".replace(".", "_")
     info = machine(args.device, args)
     info.update(
         epsilon=epsilon,
+        norm=norm,
         attacks={key: attack.describe(epsilon) for key, attack in test_attacks.items()}
-        | (autoattack_descriptions(aa_subset, epsilon) if aa_subset is not None else {}),
+        | (autoattack_descriptions(aa_subset, epsilon, norm) if aa_subset is not None else {}),
         validation_attack=f"{validation_attack.describe(epsilon)} on {len(validation)} held-out training images",
         test_images=len(data.test_set),
         training_images=len(data.train_set),
@@ -203,7 +222,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             row.update(accuracy(module, validation, {"validation_pgd10": validation_attack}, args.seed, epsilon))
             row.update(accuracy(module, data.test_set, test_attacks, args.seed, epsilon))
             if aa_subset is not None:
-                row.update(autoattack_columns(module, aa_subset, args.seed, epsilon))
+                row.update(autoattack_columns(module, aa_subset, args.seed, epsilon, norm))
         rows.append(row)
         scores = ", ".join(f"{key} {row[key]:.2f}" for key in info["attacks"] if key in row) or "diverged"
         score = row.get("validation_pgd10", float("nan"))
@@ -218,7 +237,8 @@ def merge(parts: list[Path], out: Path) -> list[dict[str, Any]]:
     """One results file from the files of runs that shared the grid out (e.g. two processes on two cores): the rows
     of all, in the grid's order, each part's machine record kept under ``parts``."""
     loaded = [json.loads(Path(part).read_text()) for part in parts]
-    order = {name: rank for rank, name in enumerate(["natural", "Free", "FGSM-RS", "PGD-7, natural's cost", "PGD-7"])}
+    names = ["natural", "Free", "FGSM-RS", "PGD-7, natural's cost", "PGD-7", "PGD-10 TRADES, natural's cost", "PGD-10 TRADES"]
+    order = {name: rank for rank, name in enumerate(names)}
     rows = sorted(
         (row for part in loaded for row in part["rows"]),
         key=lambda row: order.get("Free" if row["method"].startswith("Free") else row["method"], len(order)),
@@ -247,8 +267,9 @@ def _write(rows: list[dict[str, Any]], info: dict[str, Any], out: Path) -> None:
     ]
     table = markdown_table(rows, columns)
     arguments = info["arguments"]
+    threat = "L2" if info.get("norm") == "l2" else "L∞"
     title = (
-        f"Free-m at the paper's budget ratio, Fashion-MNIST, SmallCNN, ε = {info['epsilon']:g}, "
+        f"Free-m at the paper's budget ratio, Fashion-MNIST, SmallCNN, {threat} ε = {info['epsilon']:g}, "
         f"N = {arguments['epochs']}"
     )
     write_results(out, title, info, rows, table)

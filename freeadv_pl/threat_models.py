@@ -143,6 +143,9 @@ class L2(ThreatModel):
         radius = torch.empty_like(norms).uniform_(0.0, 1.0, generator=generator)
         return (direction * (radius / norms * epsilon)).to(like.device)
 
+    def describe(self, epsilon: float) -> str:
+        return f"{self.symbol} ε = {epsilon:g}"  # a radius over the whole image: 255/255 would mislead
+
     def ascend(self, delta: Tensor, grad: Tensor, step_size: float | Tensor) -> Tensor:
         return delta + step_size * (grad / _norms(grad).clamp_min(_TINY))
 

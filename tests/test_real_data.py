@@ -24,8 +24,10 @@ from freeadv_pl import (
 from freeadv_pl.evaluation import count_correct
 
 EPSILON = 0.1
+L2_EPSILON = 1.5  # configs/fashion_mnist/free_l2.yaml's radius
 GAIN_THRESHOLD = 1.05  # CatastrophicOverfittingGuard(gain_threshold=...) for Free-4 on this data
 ATTACK = functools.partial(pgd, epsilon=EPSILON, step_size=EPSILON / 4, steps=10)  # PGD-10, step ε/4, 1 restart
+L2_ATTACK = functools.partial(pgd, epsilon=L2_EPSILON, step_size=L2_EPSILON / 4, steps=10, norm="l2")  # L2 PGD-10
 
 
 class _EpochGain(Callback):
@@ -38,11 +40,16 @@ class _EpochGain(Callback):
         self.values.append(module.attack_gain())
 
 
-def _train_and_evaluate(
+def _train_and_evaluate(module_class, seed: int, epochs: int, attack=ATTACK, **kwargs) -> tuple[float, float]:
+    """Clean and ``attack`` (PGD-10 by default) accuracy (%) on 500 test images after :func:`_train`."""
+    return _evaluate(_train(module_class, seed, epochs, **kwargs), attack)
+
+
+def _train(
     module_class, seed: int, epochs: int, callbacks=(), lr: float = 0.05, one_cycle_steps: int | None = None, **kwargs
-) -> tuple[float, float]:
-    """Clean and PGD-10 accuracy (%) on 500 test images after training on 10,000 training images (79 batches), with
-    SGD at ``lr``, or with the shipped Free config's one-cycle schedule peaking at ``lr`` over ``one_cycle_steps``."""
+):
+    """The module trained on 10,000 training images (79 batches), with SGD at ``lr``, or with the shipped Free
+    config's one-cycle schedule peaking at ``lr`` over ``one_cycle_steps``."""
     seed_everything(seed)
     data = FashionMNISTDataModule(batch_size=128, train_size=10000, val_size=1000, seed=seed, return_index=True)
 
@@ -57,17 +64,28 @@ def _train_and_evaluate(
         lr_scheduler=None if one_cycle_steps is None else one_cycle, **kwargs,
     )
     quiet_trainer(max_epochs=epochs, limit_val_batches=0, callbacks=list(callbacks)).fit(module, datamodule=data)
+    return module
+
+
+def _evaluate(module, attack) -> tuple[float, float]:
+    """Clean and ``attack`` accuracy (%) of ``module`` on the first 500 test images."""
+    data = FashionMNISTDataModule()
     data.setup("test")
     loader = DataLoader(Subset(data.test_set, range(500)), batch_size=500)
     clean, total = count_correct(module.model, loader)
-    robust, _ = count_correct(module.model, loader, ATTACK)
+    robust, _ = count_correct(module.model, loader, attack)
     return 100.0 * clean / total, 100.0 * robust / total
 
 
 @functools.cache
-def _natural(seed: int) -> tuple[float, float]:
+def _natural_module(seed: int):
     """Natural training for 8 epochs: 8 forward/backward passes per training image, the budget of every row here."""
-    return _train_and_evaluate(NaturalModule, seed, epochs=8)
+    return _train(NaturalModule, seed, epochs=8)
+
+
+@functools.cache
+def _natural(seed: int) -> tuple[float, float]:
+    return _evaluate(_natural_module(seed), ATTACK)
 
 
 GAINS: dict[int, list[float]] = {}  # seed -> Free-4's attack gain per epoch, recorded by _free
@@ -109,6 +127,28 @@ def test_the_shipped_free_recipe_holds_at_every_seed():
     print(f"Free-4 PGD-10 at seeds 0, 1, 2: {robust}; attack gain per epoch: {GAINS}")
     assert max(robust) - min(robust) < 10, f"a seed's robust accuracy fell far below the others': {robust}"
     assert min(min(gains) for gains in GAINS.values()) > GAIN_THRESHOLD, "the gain alarm stays quiet on these runs"
+
+
+@needs_fashion_mnist
+def test_free_m_in_l2_and_with_trades_keeps_robust_accuracy_where_natural_training_loses_it():
+    # Natural training's budget for both: Free-4 in L2 for 2 epochs, Free-4 TRADES (two passes per replay) for 1.
+    recipe = dict(replays=4, lr=0.02, delta_memory="example", delta_start_noise=1.0)
+    natural_clean, natural_l2 = _evaluate(_natural_module(0), L2_ATTACK)
+    _, natural_linf = _natural(0)
+    l2_clean, l2_robust = _train_and_evaluate(
+        FreeAdversarialModule, 0, epochs=2, attack=L2_ATTACK, one_cycle_steps=2 * 79 * 4, norm="l2",
+        epsilon=L2_EPSILON, step_size=L2_EPSILON / 2, **recipe,
+    )
+    trades_clean, trades_robust = _train_and_evaluate(
+        FreeAdversarialModule, 0, epochs=1, one_cycle_steps=79 * 4, loss="trades", epsilon=EPSILON,
+        step_size=EPSILON / 2, **recipe,
+    )
+    print(f"natural {natural_clean:.1f}% clean, {natural_l2:.1f}% L2 PGD-10 (ε = {L2_EPSILON}), {natural_linf:.1f}% "
+          f"L∞ PGD-10; Free-4 L2 {l2_clean:.1f}% / {l2_robust:.1f}%; Free-4 TRADES {trades_clean:.1f}% / "
+          f"{trades_robust:.1f}% L∞ PGD-10")
+    assert l2_clean > 60 and trades_clean > 60
+    assert l2_robust > natural_l2 + 25, "Free-m in L2 must keep far more accuracy under L2 PGD than natural training"
+    assert trades_robust > natural_linf + 30, "Free-m TRADES must keep far more accuracy under PGD than natural"
 
 
 @needs_fashion_mnist
