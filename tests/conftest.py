@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import os
 import random
@@ -79,6 +81,21 @@ class ExplodingNet(nn.Module):
 def tiny_loader(n: int = 10, batch_size: int = 4, **kwargs) -> DataLoader:
     """A fixed-order loader; with the defaults the last batch is smaller (4, 4, 2)."""
     return DataLoader(tiny_dataset(n, **kwargs), batch_size=batch_size, shuffle=False)
+
+
+def against_a_copy(module_class: type, **options) -> tuple[object, nn.Module]:
+    """``module_class`` on :func:`tiny_cnn` (3 classes, no normalization, SGD lr 0.1, momentum 0.9, weight decay 1e-3)
+    and an untouched copy of its backbone, for a hand-written loop to train beside it."""
+    backbone = tiny_cnn()
+    reference = copy.deepcopy(backbone)
+    sgd = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    return module_class(backbone, 3, optimizer=sgd, mean=[0.0], std=[1.0], **options), reference
+
+
+def assert_same_weights(module, reference: nn.Module) -> None:
+    """The module's backbone has the reference model's weights, to float32 rounding."""
+    for ours, theirs in zip(module.model.backbone.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
 
 
 def quiet_trainer(**kwargs) -> Trainer:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import against_a_copy, assert_same_weights, quiet_trainer, tiny_cnn, tiny_loader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import quiet_trainer, tiny_cnn, tiny_loader
 from freeadv_pl import FastAdversarialModule, FreeAdversarialModule, NoiseFGSMModule, PGDAdversarialModule
 
 EPSILON, STEP = 0.5, 0.2  # an L2 radius on 1×6×6 images; the step differs from ε so that mixing them up shows
@@ -65,19 +63,8 @@ def reference_l2_free(model, batches, *, replays, epsilon, step_size, keyed_by_i
 
 @pytest.mark.parametrize("memory", ["batch", "example"])
 def test_free_in_l2_equals_algorithm_2_with_the_l2_step(memory):
-    backbone = tiny_cnn()
-    reference_model = copy.deepcopy(backbone)
-    module = FreeAdversarialModule(
-        backbone,
-        3,
-        replays=3,
-        epsilon=EPSILON,
-        step_size=STEP,
-        norm="l2",
-        delta_memory=memory,
-        optimizer=_sgd,
-        mean=[0.0],
-        std=[1.0],
+    module, reference_model = against_a_copy(
+        FreeAdversarialModule, replays=3, epsilon=EPSILON, step_size=STEP, norm="l2", delta_memory=memory
     )
     x, y = tiny_loader().dataset.tensors
     dataset = TensorDataset(x, y, torch.arange(len(x)))
@@ -94,8 +81,7 @@ def test_free_in_l2_equals_algorithm_2_with_the_l2_step(memory):
         reference_model, batches, replays=3, epsilon=EPSILON, step_size=STEP, keyed_by_index=memory == "example"
     )
     torch.testing.assert_close(module.delta, expected, atol=1e-6, rtol=0)
-    for ours, theirs in zip(module.model.backbone.parameters(), reference_model.parameters(), strict=True):
-        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+    assert_same_weights(module, reference_model)
     norms = module.delta.flatten(1).norm(dim=1)
     assert (norms <= EPSILON + 1e-6).all() and norms.max() > EPSILON / 2, "δ moved, and stayed in the L2 ball"
     assert module.delta.abs().max() > 0.2, "an L2 step moves pixels by more than an L∞ bound of the same size would"
@@ -122,24 +108,12 @@ def _kpgd_reference(model, batches, *, steps, epsilon, step_size):
 
 
 def test_kpgd_in_l2_equals_a_hand_written_l2_pgd_training_loop():
-    backbone = tiny_cnn()
-    reference_model = copy.deepcopy(backbone)
-    module = PGDAdversarialModule(
-        backbone,
-        3,
-        steps=3,
-        epsilon=EPSILON,
-        step_size=STEP,
-        norm="l2",
-        random_start=False,
-        optimizer=_sgd,
-        mean=[0.0],
-        std=[1.0],
+    module, reference_model = against_a_copy(
+        PGDAdversarialModule, steps=3, epsilon=EPSILON, step_size=STEP, norm="l2", random_start=False
     )
     quiet_trainer(max_epochs=2).fit(module, train_dataloaders=tiny_loader())
     _kpgd_reference(reference_model, [*tiny_loader(), *tiny_loader()], steps=3, epsilon=EPSILON, step_size=STEP)
-    for ours, theirs in zip(module.model.backbone.parameters(), reference_model.parameters(), strict=True):
-        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+    assert_same_weights(module, reference_model)
 
 
 class _Starts(FastAdversarialModule):

@@ -3,14 +3,12 @@ TRADES authors' ``trades.py`` here."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import against_a_copy, assert_same_weights, quiet_trainer, tiny_loader
 from torch import nn
 
-from conftest import quiet_trainer, tiny_cnn, tiny_loader
 from freeadv_pl import FastAdversarialModule, FreeAdversarialModule, PGDAdversarialModule
 from freeadv_pl.losses import TRADES, CrossEntropy, TrainingLoss, training_loss
 
@@ -74,19 +72,13 @@ def _recording(module_class):
 
 
 def test_kpgd_trades_equals_the_authors_loop_from_the_same_starts():
-    backbone = tiny_cnn()
-    reference_model = copy.deepcopy(backbone)
-    module = _recording(PGDAdversarialModule)(
-        backbone,
-        3,
+    module, reference_model = against_a_copy(
+        _recording(PGDAdversarialModule),
         steps=3,
         epsilon=EPSILON,
         step_size=STEP,
         loss="trades",
         trades_beta=BETA,
-        optimizer=_sgd,
-        mean=[0.0],
-        std=[1.0],
     )
     assert module.attack_mode == "eval" and module.passes_per_batch == 5
     quiet_trainer(max_epochs=2).fit(module, train_dataloaders=tiny_loader())
@@ -94,16 +86,11 @@ def test_kpgd_trades_equals_the_authors_loop_from_the_same_starts():
     assert 0.0005 < starts.std() < 0.002, "the authors' start: 0.001 · N(0, I)"
     batches = [*tiny_loader(), *tiny_loader()]
     reference_trades_pgd(reference_model, batches, module.starts, steps=3, epsilon=EPSILON, step_size=STEP, beta=BETA)
-    for ours, theirs in zip(module.model.backbone.parameters(), reference_model.parameters(), strict=True):
-        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+    assert_same_weights(module, reference_model)
 
 
 def test_fgsm_rs_trades_takes_one_kl_step_from_its_uniform_start():
-    backbone = tiny_cnn()
-    reference_model = copy.deepcopy(backbone)
-    module = _recording(FastAdversarialModule)(
-        backbone, 3, epsilon=EPSILON, loss="trades", optimizer=_sgd, mean=[0.0], std=[1.0]
-    )
+    module, reference_model = against_a_copy(_recording(FastAdversarialModule), epsilon=EPSILON, loss="trades")
     quiet_trainer(max_epochs=1).fit(module, train_dataloaders=tiny_loader())
     starts = torch.cat(module.starts)
     assert starts.abs().max() <= EPSILON and starts.abs().max() > EPSILON / 2, "FGSM-RS's usual U(-ε, ε) start"
@@ -116,8 +103,7 @@ def test_fgsm_rs_trades_takes_one_kl_step_from_its_uniform_start():
         step_size=1.25 * EPSILON,
         beta=6.0,
     )
-    for ours, theirs in zip(module.model.backbone.parameters(), reference_model.parameters(), strict=True):
-        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+    assert_same_weights(module, reference_model)
 
 
 def reference_free_trades(model, loader, *, epochs, replays, epsilon, step_size, beta):
@@ -140,19 +126,13 @@ def reference_free_trades(model, loader, *, epochs, replays, epsilon, step_size,
 
 
 def test_free_trades_equals_a_hand_written_free_trades_loop():
-    backbone = tiny_cnn()
-    reference_model = copy.deepcopy(backbone)
-    module = FreeAdversarialModule(
-        backbone,
-        3,
+    module, reference_model = against_a_copy(
+        FreeAdversarialModule,
         replays=3,
         epsilon=EPSILON,
         step_size=STEP,
         loss="trades",
         trades_beta=BETA,
-        optimizer=_sgd,
-        mean=[0.0],
-        std=[1.0],
     )
     assert module.passes_per_batch == 6
     quiet_trainer(max_epochs=2).fit(module, train_dataloaders=tiny_loader())
@@ -161,8 +141,7 @@ def test_free_trades_equals_a_hand_written_free_trades_loop():
     )
     torch.testing.assert_close(module.delta, expected, atol=1e-6, rtol=0)
     assert module.delta.abs().max() > 0
-    for ours, theirs in zip(module.model.backbone.parameters(), reference_model.parameters(), strict=True):
-        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+    assert_same_weights(module, reference_model)
 
 
 class _Weighted(TrainingLoss):
@@ -176,11 +155,7 @@ class _Weighted(TrainingLoss):
 
 
 def test_a_users_own_loss_plugs_into_free_m():
-    backbone = tiny_cnn()
-    reference_model = copy.deepcopy(backbone)
-    module = FreeAdversarialModule(
-        backbone, 3, replays=2, epsilon=EPSILON, loss=_Weighted(), optimizer=_sgd, mean=[0.0], std=[1.0]
-    )
+    module, reference_model = against_a_copy(FreeAdversarialModule, replays=2, epsilon=EPSILON, loss=_Weighted())
     quiet_trainer(max_epochs=1).fit(module, train_dataloaders=tiny_loader())
     optimizer, noise = _sgd(reference_model.parameters()), None
     for x, y in tiny_loader():
