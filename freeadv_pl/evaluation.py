@@ -177,8 +177,9 @@ def attack_suite(
     for duplicates. ``name`` is the argument's name in the messages.
 
     Raises:
-        ValueError: on an unknown preset or norm, an empty list, a column that lacks a member of the protocol, or
-            two columns with the same key (or one named ``worst`` or ``examples``).
+        ValueError: on an unknown preset or norm, an empty list, or two columns with the same key (or one named
+            ``worst`` or ``examples``).
+        TypeError: on a column that lacks a member of the protocol (a preset's name inside a list, say).
         ModuleNotFoundError: on an AutoAttack column without torchattacks.
 
     Example:
@@ -190,7 +191,7 @@ def attack_suite(
             raise ValueError(f"{name}={attacks!r} is not a preset: use one of {', '.join(ATTACK_PRESETS)} or a list")
         suite = ATTACK_PRESETS[attacks]
     else:
-        suite = tuple(attacks) if isinstance(attacks, Sequence) else ()
+        suite = tuple(attacks) if isinstance(attacks, Iterable) else ()
         if not suite:
             raise ValueError(
                 f"{name} must be a preset name or a non-empty list of AttackSpec/AutoAttackSpec (or attacks of your "
@@ -255,6 +256,7 @@ def robust_accuracy(
     Raises:
         ValueError: on an unknown preset or norm, an ε outside the norm's range, an empty or duplicated suite, or no
             examples.
+        TypeError: on a column that is no :class:`EvaluationAttack`.
         ModuleNotFoundError: on an AutoAttack suite without torchattacks.
 
     Example:
@@ -272,4 +274,4 @@ def robust_accuracy(
     examples = counts.pop(EXAMPLES)
     if not examples:
         raise ValueError("robust_accuracy got no examples: pass batches of (images, labels), e.g. a DataLoader")
-    return {key: count / examples for key, count in counts.items()} | {EXAMPLES: examples}
+    return {key: correct / examples for key, correct in counts.items()} | {EXAMPLES: examples}

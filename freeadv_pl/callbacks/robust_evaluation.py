@@ -75,6 +75,7 @@ class RobustEvaluation(Callback):
         ValueError: on an unknown preset or norm, an empty or duplicated suite (or an attack named ``worst`` or
             ``examples``), a size < 1, an ε outside the norm's range, or (at setup) when no ε is given and the
             module has none, or the suite's keys clash once resolved in the module's norm.
+        TypeError: on an attack that is no :class:`~freeadv_pl.EvaluationAttack`.
         ModuleNotFoundError: on an AutoAttack suite without torchattacks.
 
     Example:
