@@ -28,7 +28,7 @@ from freeadv_pl.modules import (
     PriorGuidedFGSMModule,
 )
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "ATTACK_PRESETS",

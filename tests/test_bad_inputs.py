@@ -23,6 +23,8 @@ from freeadv_pl import (
     FreeAdversarialModule,
     ImageNetDataModule,
     NaturalModule,
+    PGDAdversarialModule,
+    PriorGuidedFGSMModule,
     RobustEvaluation,
     SmallCNN,
 )
@@ -236,6 +238,31 @@ CASES = {
         lambda run: RobustEvaluation(["pgd20"]),
         TypeError,
         ("attacks[0] is the string 'pgd20'", "a preset's name is given alone (attacks='pgd20')"),
+    ),
+    "module-norm": Case(lambda run: _free(norm="l1"), ValueError, ("norm must be one of 'linf', 'l2'", "got 'l1'")),
+    "module-loss": Case(lambda run: _free(loss="mse"), ValueError, ("loss must be one of 'ce', 'trades'", "got 'mse'")),
+    "module-l2-epsilon<0": Case(
+        lambda run: _free(norm="l2", epsilon=-1.0), ValueError, ("epsilon must be a finite number ≥ 0", "got -1.0")
+    ),
+    "module-l2-epsilon-inf": Case(
+        lambda run: PGDAdversarialModule(tiny_cnn(), 3, norm="l2", epsilon=float("inf")),
+        ValueError,
+        ("epsilon must be a finite number ≥ 0", "3.0 ImageNet's", "got inf"),
+    ),
+    "trades_beta<0": Case(
+        lambda run: _free(loss="trades", trades_beta=-1.0),
+        ValueError,
+        ("trades_beta must be a finite number ≥ 0, got -1.0", "the authors' 6.0"),
+    ),
+    "loss-on-natural": Case(
+        lambda run: NaturalModule(tiny_cnn(), 3, loss="trades"),
+        ValueError,
+        ("NaturalModule does not take loss='trades'", "options of FreeAdversarialModule", "loss='trades'"),
+    ),
+    "norm-on-mep": Case(
+        lambda run: PriorGuidedFGSMModule(tiny_cnn(), 3, norm="l2"),
+        ValueError,
+        ("PriorGuidedFGSMModule does not take norm='l2'", "L∞ threat model only", "norm='l2'"),
     ),
     "gradient_clip_norm<=0": Case(
         lambda run: _free(gradient_clip_norm=0.0), ValueError, ("gradient_clip_norm must be a finite number > 0",)
