@@ -134,6 +134,7 @@ def test_paper_budget_runs_on_a_tiny_size_and_merges_its_parts(tmp_path):
         "step_size": 0.05,
         "delta_memory": "example",
         "delta_start_noise": 1.0,
+        "norm": "linf",
     }
     assert first[2]["arguments"]["delta_reset_every"] == 1 and first[2]["arguments"]["epsilon_warmup_epochs"] == 1
     # The budget rule: natural 8 epochs, Free-8 1 epoch, FGSM-RS 4: the same passes; PGD-7 8× them.
@@ -158,6 +159,24 @@ def test_paper_budget_runs_on_a_tiny_size_and_merges_its_parts(tmp_path):
         torch.set_num_threads(threads)
     assert again[0]["cpu_minutes"] == second[0]["cpu_minutes"] and again[0]["PGD-20"] == second[0]["PGD-20"]
     assert (tmp_path / "m.png").stat().st_size > 10_000
+    # In L2 with TRADES rows: Free-2 TRADES (two passes a replay) runs N/4 epochs, natural's passes.
+    l2 = [*sizes, "--norm", "l2", "--epsilon", "1.5", "--trades-pgd", "--free", "m=2,loss=trades"]
+    try:
+        rows = paper_budget.main(
+            [*l2, "--methods", "natural", "Free", "PGD-10 TRADES, natural's cost", "--out", str(tmp_path / "l2")]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert [row["method"] for row in rows] == [
+        "natural",
+        "PGD-10 TRADES, natural's cost",
+        "Free-2 batch, step 1ε, loss trades",
+    ]
+    assert rows[2]["epochs"] == 2 and rows[2]["passes"] == rows[0]["passes"]
+    assert rows[1]["arguments"] == {"steps": 10, "epsilon": 1.5, "step_size": 0.375, "loss": "trades", "norm": "l2"}
+    saved = json.loads((tmp_path / "l2.json").read_text())
+    assert saved["machine"]["attacks"]["PGD-20"] == "PGD-20 (CE loss, L2 ε = 1.5, step 0.375, 1 random start)"
+    assert "L2 ε = 1.5" in saved["machine"]["attacks"]["AutoAttack"]
 
 
 @needs_fashion_mnist
@@ -168,13 +187,26 @@ def test_frontier_runs_on_a_tiny_size_goes_on_where_it_stopped_and_merges(tmp_pa
         first = frontier.main([*sizes, "--rows", "natural", "N-FGSM", "--seeds", "0", "--out", str(tmp_path / "a")])
         more = frontier.main([*sizes, "--rows", "natural", "N-FGSM", "--seeds", "0", "1", "--out", str(tmp_path / "a")])
         other = frontier.main(
-            [*sizes, "--rows", "7-PGD, 7× natural's cost", "--seeds", "0", "1", "--epsilons", "0.2",
-             "--out", str(tmp_path / "b")]
+            [
+                *sizes,
+                "--rows",
+                "7-PGD, 7× natural's cost",
+                "--seeds",
+                "0",
+                "1",
+                "--epsilons",
+                "0.2",
+                "--out",
+                str(tmp_path / "b"),
+            ]
         )
     finally:
         torch.set_num_threads(threads)  # main sets the process's thread count
     assert [(run["epsilon"], run["method"]) for run in first] == [
-        (0.1, "natural"), (0.1, "N-FGSM"), (0.2, "natural"), (0.2, "N-FGSM")
+        (0.1, "natural"),
+        (0.1, "N-FGSM"),
+        (0.2, "natural"),
+        (0.2, "N-FGSM"),
     ]
     assert len(first) == 4 and len(more) == 8, "ε 0.1 and 0.2 by default; seed 0 is not trained again"
     assert [run["cpu_minutes"] for run in more[:4]] == [run["cpu_minutes"] for run in first]
@@ -183,7 +215,9 @@ def test_frontier_runs_on_a_tiny_size_goes_on_where_it_stopped_and_merges(tmp_pa
     natural, noisy = (next(run for run in more if run["method"] == name) for name in ("natural", "N-FGSM"))
     assert natural["passes"] == noisy["passes"] == other[0]["passes"] // 8
     assert "AutoAttack" in natural and "APGD-CE+DLR" in more[-1] and "AutoAttack" not in more[-1]
-    merged = frontier.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m")])
+    merged = frontier.main(
+        ["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m")]
+    )
     assert len(merged) == 9
     text = (tmp_path / "m.md").read_text()
     assert "| 0.1 | N-FGSM | 2 |" in text and "collapsed seeds" in text and "± " in text
@@ -198,8 +232,18 @@ def test_recipe_seeds_trains_through_the_cli_at_each_seed_and_merges(tmp_path):
     try:
         rows = recipe_seeds.main([*quick, "--seeds", "0", "1", "--eval-size", "32", "--out", str(tmp_path / "a")])
         more = recipe_seeds.main(
-            [*quick, "--seeds", "2", "--eval-size", "32", "--out", str(tmp_path / "b"), "--",
-             "--model.init_args.lr_scheduler.init_args.max_lr", "0.01"]
+            [
+                *quick,
+                "--seeds",
+                "2",
+                "--eval-size",
+                "32",
+                "--out",
+                str(tmp_path / "b"),
+                "--",
+                "--model.init_args.lr_scheduler.init_args.max_lr",
+                "0.01",
+            ]
         )
     finally:
         torch.set_num_threads(threads)
@@ -207,7 +251,9 @@ def test_recipe_seeds_trains_through_the_cli_at_each_seed_and_merges(tmp_path):
     assert all(0 <= row["PGD-20"] <= row["natural"] <= 100 for row in rows + more)
     saved = json.loads((tmp_path / "b.json").read_text())
     assert saved["machine"]["extra"] == ["--model.init_args.lr_scheduler.init_args.max_lr", "0.01"]
-    merged = recipe_seeds.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m")])
+    merged = recipe_seeds.main(
+        ["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m")]
+    )
     assert [row["seed"] for row in merged] == [0, 1, 2]
     assert "PGD-20 over 3 seeds: mean" in (tmp_path / "m.md").read_text()
 
