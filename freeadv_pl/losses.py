@@ -37,8 +37,8 @@ class TrainingLoss:
         ...     name = "smoothed-ce"
         ...     def __call__(self, adversarial, y, clean=None):
         ...         return F.cross_entropy(adversarial, y, label_smoothing=0.1)
-        >>> Smoothed()(torch.zeros(2, 3), torch.tensor([0, 1])).item() == math.log(3)
-        True
+        >>> round(Smoothed()(torch.zeros(2, 3), torch.tensor([0, 1])).item(), 4)  # log 3: uniform logits
+        1.0986
     """
 
     name = "custom"
@@ -79,8 +79,8 @@ class TRADES(TrainingLoss):
 
     Example:
         >>> import torch
-        >>> logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
-        >>> TRADES(beta=6.0)(logits, torch.tensor([0, 1]), clean=logits).item() == F.cross_entropy(logits, torch.tensor([0, 1])).item()
+        >>> logits, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1])
+        >>> abs(TRADES(beta=6.0)(logits, y, clean=logits) - F.cross_entropy(logits, y)).item() < 1e-6  # no KL term
         True
     """
 
