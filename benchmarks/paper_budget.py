@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         ):
             continue
         log(f"{name}: {epochs} epochs, peak lr {lr:g}: started")
-        cache = cache_file(args.models, name, epochs, lr)
+        # A row's model depends on the norm it trained in (natural's does not, but is kept apart too).
+        cache = cache_file(args.models, name if norm == "linf" else f"{name} {norm}", epochs, lr)
         module, run = train(module_class, epochs, arguments, lr, data, args.seed, cache, args.device)
         row: dict[str, Any] = {"method": name, "epochs": epochs, "arguments": arguments, **run}
         if not run["diverged"]:
