@@ -13,6 +13,7 @@ from freeadv_pl.data import (
     CIFAR10DataModule,
     CIFAR100DataModule,
     FashionMNISTDataModule,
+    ImageFolderDataModule,
     ImageNetDataModule,
     VisionDataModule,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "FashionMNISTDataModule",
     "FastAdversarialModule",
     "FreeAdversarialModule",
+    "ImageFolderDataModule",
     "ImageNetDataModule",
     "InputNormalization",
     "NaturalModule",

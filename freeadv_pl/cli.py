@@ -1,5 +1,5 @@
 """The command line: ``freeadv_pl fit|validate|test|predict --config fashion_mnist/free.yaml`` (a LightningCLI), plus
-``freeadv_pl export`` and ``freeadv_pl recipes``."""
+``freeadv_pl export``, ``freeadv_pl evaluate`` and ``freeadv_pl recipes``."""
 
 from __future__ import annotations
 
@@ -17,22 +17,26 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from freeadv_pl._lightning_compat import cli_class_path, cli_subcommand_entries
 from freeadv_pl.data.base import VisionDataModule
+from freeadv_pl.evaluate_command import evaluate_command
 from freeadv_pl.export import exported_files
+from freeadv_pl.modules._checkpoint import record_build_config
 from freeadv_pl.modules.base import ClassifierModule, check_trainer_for_manual_optimization
 from freeadv_pl.recipes import main as recipes_main
 from freeadv_pl.recipes import resolve_config_args
 
 # One line per subcommand for ``freeadv_pl --help`` (Lightning's would be the first line of each Trainer method's
-# docstring, cut mid-sentence for test and predict). export and recipes are run by main(), not by LightningCLI.
+# docstring, cut mid-sentence for test and predict). export, evaluate and recipes are run by main(), not by
+# LightningCLI.
 SUBCOMMANDS = {
     "fit": "Train a model, e.g. --config fashion_mnist/free.yaml",
     "validate": "Evaluate a checkpoint on the validation set",
     "test": "Evaluate a checkpoint on the test set, print a table",
     "predict": "Run a checkpoint's model on prediction data",
     "export": "Export a checkpoint to run without freeadv_pl",
+    "evaluate": "Evaluate any model's robustness: a table and a report",
     "recipes": "List the shipped configs that --config accepts",
 }
-_MAIN_ONLY = ("export", "recipes")
+_MAIN_ONLY = ("export", "evaluate", "recipes")
 _DESCRIPTION = (
     '"Adversarial Training for Free!" (Shafahi et al., NeurIPS 2019) and its baselines as Lightning modules. Start '
     "with `freeadv_pl recipes`, then e.g. `freeadv_pl fit --config fashion_mnist/free.yaml`."
@@ -47,6 +51,10 @@ class FreeAdvCLI(LightningCLI):
     ``fit --ckpt_path last`` resumes the newest ``last*.ckpt`` under ``trainer.default_root_dir`` (the working folder
     by default), in whichever logger version folder it is, and starts anew where there is none: one command both
     starts and resumes a preemptible job.
+
+    The configuration of the model's backbone, optimizer and LR scheduler is recorded in its hyperparameters (the
+    backbone's ``weights`` excepted: the checkpoint holds them), so that ``FreeAdversarialModule.load_from_checkpoint
+    (path)`` rebuilds a checkpoint of ``fit`` from the path alone.
 
     LightningCLI rebuilds the model from the hyperparameters of ``--ckpt_path``, class included, over the config's:
     a checkpoint of another module class (a ``NaturalModule`` checkpoint with a Free-m config) would silently train
@@ -106,6 +114,11 @@ class FreeAdvCLI(LightningCLI):
             self.config.fit.ckpt_path = _newest_last_checkpoint(self.config.fit.trainer.get("default_root_dir"))
         if subcommand:
             _check_checkpoint_class(self.config[subcommand])
+
+    def after_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if isinstance(self.model, ClassifierModule):
+            record_build_config(self.model, config["model"].as_dict())
 
     def before_fit(self) -> None:
         check_trainer_for_manual_optimization(self.trainer)
@@ -173,12 +186,15 @@ def build_cli(args: ArgsType = None, run: bool = True) -> FreeAdvCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """The ``freeadv_pl`` console script: LightningCLI's subcommands, ``export`` (:func:`export_command`) and
-    ``recipes`` (:func:`freeadv_pl.recipes.main`). ``args`` defaults to the command line (``sys.argv[1:]``)."""
+    """The ``freeadv_pl`` console script: LightningCLI's subcommands, ``export`` (:func:`export_command`),
+    ``evaluate`` (:func:`freeadv_pl.evaluate_command.evaluate_command`) and ``recipes``
+    (:func:`freeadv_pl.recipes.main`). ``args`` defaults to the command line (``sys.argv[1:]``)."""
     command = sys.argv[1:] if args is None else args
     _ignore_unactionable_warnings()
     if command and command[0] == "export":
         export_command(command[1:])
+    elif command and command[0] == "evaluate":
+        evaluate_command(command[1:])
     elif command and command[0] == "recipes":
         recipes_main(command[1:])
     else:

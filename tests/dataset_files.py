@@ -97,3 +97,27 @@ def write_image_folder(
 def imagenet_classes(count: int = 1000) -> list[str]:
     """WordNet-style ids like ImageNet's class folders (``n00000000`` ...)."""
     return [f"n{index:08d}" for index in range(count)]
+
+
+def write_png_folder(
+    root: Path,
+    classes: list[str],
+    per_class: int = 4,
+    size: tuple[int, int] = (16, 16),
+    splits=("train",),
+    mode: str = "RGB",
+    seed: int = 0,
+) -> list[Path]:
+    """An ImageFolder tree ``root/<split>/<class>/<n>.png`` of random PNGs (width × height ``size``, PIL ``mode`` "RGB"
+    or "L"): lossless, so the pixels read back are those written. Returns the paths written."""
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    written = []
+    for split in splits:
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(per_class):
+                written.append(folder / f"{index}.png")
+                Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(written[-1])
+    return written

@@ -84,7 +84,10 @@ def test_every_config_runs_its_quick_variant(config, dataset_root, tmp_path, mon
         "every config evaluates robustness each epoch, in the model's threat model"
     )
     assert (tmp_path / "lightning_logs" / "version_0" / "config.yaml").is_file()
-    assert (tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    loaded = type(module).load_from_checkpoint(checkpoint)  # the path alone: the backbone is rebuilt from the run's
+    images = torch.rand(2, *module.input_shape)
+    assert torch.allclose(loaded.eval()(images), module.eval()(images), atol=1e-6), "the trained model's logits"
 
 
 def test_the_test_subcommand_prints_the_papers_table(dataset_root, tmp_path, monkeypatch, capsys):
@@ -123,7 +126,7 @@ def test_console_script_and_module_entry_points():
         result = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert result.stderr == "", "no warning"
-        assert "{fit,validate,test,predict,export,recipes}" in result.stdout
+        assert "{fit,validate,test,predict,export,evaluate,recipes}" in result.stdout
 
 
 def test_help_lists_every_subcommand_in_one_line_and_warns_nothing(monkeypatch, capsys):
@@ -139,7 +142,7 @@ def test_help_lists_every_subcommand_in_one_line_and_warns_nothing(monkeypatch, 
         assert f"    {subcommand:<20}{description}" in lines
 
 
-@pytest.mark.parametrize("subcommand", ["export", "recipes"])
+@pytest.mark.parametrize("subcommand", ["export", "evaluate", "recipes"])
 def test_the_console_scripts_own_subcommands_are_not_run_by_build_cli(subcommand, capsys):
     with pytest.raises(SystemExit):
         build_cli([subcommand])

@@ -54,6 +54,11 @@ def take_from_data(module: LightningModule, data: Any) -> None:
     if mean is not None and std is not None and module.model.mean is None:
         module.model.set_statistics(mean, std)
         taken.update(mean=[float(v) for v in mean], std=[float(v) for v in std])
+    elif mean is not None and std is not None and module.pretrained_statistics:
+        rank_zero_info(
+            f"{type(module).__name__} normalizes with its pretrained backbone's own mean and std, not "
+            f"{type(data).__name__}'s."
+        )
     elif mean is not None and std is not None and not _same_statistics(module.model, mean, std):
         own = [module.model.mean.flatten().tolist(), module.model.std.flatten().tolist()]
         rank_zero_warn(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from argparse import ArgumentError
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +24,7 @@ from freeadv_pl._step_random import StepRandom
 from freeadv_pl.export import export_classifier
 from freeadv_pl.losses import CrossEntropy, TrainingLoss
 from freeadv_pl.models.normalization import InputNormalization
-from freeadv_pl.modules._checkpoint import attached_trainer, read_identity, write_identity
+from freeadv_pl.modules._checkpoint import attached_trainer, read_identity, rebuild_error, write_identity
 from freeadv_pl.modules._checks import check_first_batch, take_from_data
 from freeadv_pl.modules._collapse_signals import AttackGain, GradientAlignment
 from freeadv_pl.modules._cuda_graph import float_learning_rates
@@ -55,7 +56,9 @@ class ClassifierModule(LightningModule):
     step. The design is in docs/design.md, "Manual optimization".
 
     Args:
-        backbone: any ``nn.Module`` mapping normalized images to ``num_classes`` logits.
+        backbone: any ``nn.Module`` mapping normalized images to ``num_classes`` logits. An ``InputNormalization``
+            with statistics (a pretrained backbone: :func:`freeadv_pl.models.torchvision_backbone`) is the model
+            as it is: it normalizes with its weights' own statistics, and ``mean``/``std`` are not used.
         num_classes: number of classes; None: the DataModule's ``num_classes``.
         mean: per-channel means for input normalization; None: the DataModule's ``mean``, if it declares one. To
             train without normalization on data that declare it, pass ``mean=[0.0]`` and ``std=[1.0]``.
@@ -109,7 +112,9 @@ class ClassifierModule(LightningModule):
                 f"got {type(backbone).__name__}"
             )
         self.num_classes = None if num_classes is None else check_int(num_classes, "num_classes", minimum=2)
-        self.model = InputNormalization(backbone, mean, std)
+        # A pretrained backbone (freeadv_pl.models.torchvision_backbone, ...) brings its weights' own statistics.
+        self.pretrained_statistics = isinstance(backbone, InputNormalization) and backbone.mean is not None
+        self.model = backbone if self.pretrained_statistics else InputNormalization(backbone, mean, std)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = check_choice(lr_scheduler_interval, "lr_scheduler_interval", ("step", "epoch"))
@@ -133,6 +138,21 @@ class ClassifierModule(LightningModule):
         self._lr_scheduler: Any = None  # and its LR scheduler (None without one)
         self._epoch_to_finish = False  # resumed from a checkpoint written after an epoch's last batch
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Lightning's ``load_from_checkpoint``. A checkpoint of ``freeadv_pl fit`` rebuilds its backbone from the
+        run's recorded configuration, so the path alone is enough; any other needs ``backbone=...``.
+
+        Raises:
+            ValueError: when the checkpoint records no backbone and none is given, naming both ways to load it.
+        """
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except (ArgumentError, TypeError) as error:
+            if "backbone" in kwargs or "backbone" not in str(error):
+                raise
+            raise rebuild_error(cls, checkpoint_path, error) from None
 
     @property
     def passes_per_batch(self) -> int:

@@ -1,0 +1,549 @@
+"""Any image classification data stored as class folders (torchvision's ImageFolder layout): ``train/<class>/<image>``
+and, optionally, ``test/<class>/<image>`` or ``val/<class>/<image>`` as the test split."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import v2
+
+from freeadv_pl._checks import check_choice, check_int, check_positive
+from freeadv_pl.data.augmentation import RandomCropFlip
+from freeadv_pl.data.base import Transform, VisionDataModule
+
+TEST_FOLDERS = ("test", "val")
+"""The folders looked for, in this order, as the test split when ``test_split`` is None."""
+AUGMENTATIONS = ("crop_flip", "resized_crop_flip", "none")
+_GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    return sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+
+
+def _is_image(entry: os.DirEntry) -> bool:
+    return entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _has_image(folder: Path) -> bool:
+    with os.scandir(folder) as entries:
+        return any(_is_image(entry) for entry in entries)
+
+
+def _listing(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _check_split(root: Path, split: str, dataset: str, layout: str, loose_images_hint: str) -> list[str]:
+    split_dir = root / split
+    if not split_dir.is_dir():
+        moved = [name for name in _class_folders(root) if _has_image(root / name)] if split == "train" else []
+        hint = f" ({root} itself holds class folders, {_listing(moved)}: move them into {split_dir}/)" if moved else ""
+        raise FileNotFoundError(
+            f"{dataset} split folder {split_dir} does not exist: data_dir must hold {layout}, each with one folder per "
+            f"class (the ImageFolder layout){hint}"
+        )
+    classes = _class_folders(split_dir)
+    loose_images = _has_image(split_dir)
+    if not classes or loose_images:
+        raise ValueError(
+            f"{split_dir} must hold one folder per class with the images inside, but it holds "
+            f"{'images directly' if loose_images else 'no class folders'}. {loose_images_hint}"
+        )
+    empty = [name for name in classes if not _has_image(split_dir / name)]
+    if empty:
+        raise ValueError(
+            f"{len(empty)} class folder(s) of {split_dir} hold no image ({', '.join(IMG_EXTENSIONS[:3])}, ...): "
+            f"{_listing(empty)}. Restore their images or remove the class from every split."
+        )
+    return classes
+
+
+def check_image_folder_layout(
+    root: Path,
+    splits: Sequence[str],
+    num_classes: int | None = None,
+    *,
+    dataset: str = "image",
+    layout: str = "train/",
+    loose_images_hint: str = "Put each image in the folder of its class: <split>/<class>/<image>.",
+) -> list[str]:
+    """Check ``root/<split>/<class>/<image>`` for each split and return the class names (sorted, as ImageFolder).
+
+    Every split must exist, hold one folder per class and no loose images, have the same class folders as the
+    other splits, every class folder at least one image (directly inside it), and there must be at least two classes
+    (``num_classes`` of them, if given). ``dataset``, ``layout`` and ``loose_images_hint`` word the messages.
+
+    Raises:
+        FileNotFoundError: if ``root`` or a split is missing.
+        ValueError: on loose images in a split, class folders that differ between splits, an empty class
+            folder, a single class, or a number of classes other than ``num_classes``; the message says what to do.
+
+    Example:
+        >>> check_image_folder_layout(Path("/no/such/folder"), ["train"])
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: image folder /no/such/folder does not exist: set data_dir to the folder that holds train/
+    """
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"{dataset} folder {root} does not exist: set data_dir to the folder that holds {layout}"
+        )
+    found = {split: _check_split(root, split, dataset, layout, loose_images_hint) for split in splits}
+    classes = found[splits[0]]
+    for split in splits[1:]:
+        only_here = sorted(set(found[split]) - set(classes))
+        missing = sorted(set(classes) - set(found[split]))
+        if only_here or missing:
+            problems = [f"only in {split}/: {_listing(only_here)}"] if only_here else []
+            problems += [f"missing from {split}/: {_listing(missing)}"] if missing else []
+            raise ValueError(
+                f"the class folders of {root / split} do not match those of {root / splits[0]}: "
+                f"{'; '.join(problems)}. Both splits need the same class folders, or a label would not mean the "
+                "same class in both."
+            )
+    if len(classes) < 2:
+        raise ValueError(
+            f"{root / splits[0]} holds a single class folder ({classes[0]}): a classifier needs at least 2 classes. "
+            "Add a folder of images for each class."
+        )
+    if num_classes is not None and len(classes) != num_classes:
+        raise ValueError(
+            f"{root} has {len(classes)} classes but num_classes={num_classes}: set data.init_args.num_classes to "
+            f"{len(classes)} (and the backbone's num_classes with it)."
+        )
+    return classes
+
+
+def _image_files(split_dir: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
+    """``(path, label)`` of every image directly inside ``split_dir/<class>/``, sorted by class, then by name."""
+    samples: list[tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        with os.scandir(split_dir / name) as entries:
+            names = sorted(entry.name for entry in entries if _is_image(entry))
+        samples += [(str(split_dir / name / file), label) for file in names]
+    return samples
+
+
+def _different_sizes(path: str, size: tuple[int, int], other: str, other_size: tuple[int, int]) -> str:
+    return (
+        f"the images differ in size ({path} is {size[0]}×{size[1]}, {other} {other_size[0]}×{other_size[1]}) and "
+        f"image_size=None uses them at their stored size: set image_size=... (e.g. image_size={min(size)}) to resize "
+        "and center-crop every image to one square size."
+    )
+
+
+def channel_statistics(images: Iterable[Tensor]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation over every pixel of ``images`` (each C×H×W, of any size), the
+    standard deviation of the whole population (no Bessel correction), as the model's input normalization uses them.
+
+    Raises:
+        ValueError: if ``images`` is empty.
+
+    Example:
+        >>> channel_statistics([torch.tensor([[[0.0, 1.0]]]), torch.tensor([[[1.0, 0.0]]])])
+        ((0.5,), (0.5,))
+    """
+    total = squares = None
+    count = 0
+    for image in images:
+        pixels = image.to(torch.float64).flatten(1)
+        total = pixels.sum(1) if total is None else total + pixels.sum(1)
+        squares = pixels.square().sum(1) if squares is None else squares + pixels.square().sum(1)
+        count += pixels.shape[1]
+    if total is None or squares is None:
+        raise ValueError("channel_statistics needs at least one image")
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(0).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+class _ImageFiles(Dataset):
+    """``(image, label)`` for each ``(path, label)`` of ``samples`` (torchvision's ``ImageFolder.samples``), the image
+    read with PIL and converted to ``mode`` ("L" or "RGB"). With ``size`` (width, height), an image of another size is
+    an error that names the file and the fix, found from its header before it is decoded."""
+
+    def __init__(self, samples: list[tuple[str, int]], mode: str, size: tuple[int, int] | None = None) -> None:
+        self.samples = samples
+        self.mode = mode
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        path, label = self.samples[index]
+        with Image.open(path) as image:
+            if self.size is not None and image.size != self.size:
+                raise ValueError(_different_sizes(path, image.size, "the sampled images are", self.size))
+            return image.convert(self.mode), label
+
+
+class ImageFolderDataModule(VisionDataModule):
+    """Your own images, one folder per class: ``data_dir/train/<class>/<image>`` (torchvision's ImageFolder layout).
+
+    **Splits.** ``train/`` is required. The test split is the folder ``test_split`` (None: ``test/`` if it exists,
+    else ``val/``); without one, ``test_fraction`` of the images of ``train/`` (seeded by ``seed``) are held out as
+    the test split. Validation takes ``val_size`` images of the remaining training images, as every DataModule here
+    (0, the default: validate on the test split). Labels are the indices of the sorted class folder names
+    (``classes``); the images directly inside each class folder are read (any extension of torchvision's
+    ``IMG_EXTENSIONS``; subfolders are not read). The layout is checked first (:func:`check_image_folder_layout`).
+
+    **Images.** With ``image_size``, an evaluation image is resized (shorter side to ``resize_size``) and
+    center-cropped to ``image_size``×``image_size``; with ``image_size=None`` images are used at their stored size,
+    which must then be one size for all (checked on the headers of the sample below and of as many test images, and
+    on each image as it is read). ``channels`` is 1 (grayscale) or 3 (RGB); None detects it from the sample: 1 if
+    every sampled image is grayscale (PIL mode "L", "1", "I", ...), else 3; every image is converted to it. Training
+    images are augmented by ``augment``: ``"crop_flip"`` (the evaluation preprocessing, then zero-padding by an eighth
+    of the shorter side, a random crop back to the size and a horizontal flip: CIFAR's augmentation; with
+    ``return_index`` the crop and flip run on the batch's device, for a per-image δ), ``"resized_crop_flip"``
+    (RandomResizedCrop + flip, as ImageNet; not with ``return_index``) or ``"none"``. Images reach the model in
+    [0, 1].
+
+    **Statistics.** ``mean`` and ``std`` as given, or else computed from a seeded sample of ``stats_samples`` training
+    images (``stats_files``; never a test image) through the evaluation preprocessing, and logged. The model
+    normalizes with them.
+
+    ``num_classes``, ``classes``, ``mean``, ``std`` and ``image_shape`` are read from the folders on first access
+    (the command line reads them right after construction, to build the model), then kept.
+
+    Args:
+        data_dir: the folder holding ``train/`` (and the test split's folder, if any).
+        image_size: side of the square images given to the model; None: the images' stored size.
+        resize_size: side the shorter edge of an image is resized to before the center crop; None: ``image_size``.
+        channels: 1 or 3; None: detected from the sample.
+        mean: per-channel means for the model's input normalization; None: computed (with ``std``).
+        std: per-channel standard deviations, given with ``mean``.
+        stats_samples: training images read (a seeded sample) to compute ``mean``/``std`` and to detect the size and
+            the channels.
+        num_classes: the number of class folders expected; None: as many as there are.
+        test_split: the folder of the test split; None: ``test/`` or ``val/`` where one exists, else a hold-out of
+            ``train/``.
+        test_fraction: the fraction of ``train/`` held out as the test split when there is no test folder.
+        augment: the training augmentation, one of ``"crop_flip"``, ``"resized_crop_flip"``, ``"none"``.
+        val_size: training images held out for validation (0: validate on the test split).
+        **kwargs: the other arguments of :class:`~freeadv_pl.data.base.VisionDataModule`.
+
+    Raises:
+        ValueError: on a bad argument (``resize_size`` < ``image_size``, ``channels`` not 1 or 3, ``mean`` without
+            ``std`` or of another length, ``test_fraction`` outside (0, 1), ``augment="resized_crop_flip"`` with
+            ``return_index``, ...); on first access to the attributes above or in ``setup``: on a bad layout (see
+            :func:`check_image_folder_layout`), images of different sizes with ``image_size=None``, ``mean`` of
+            another length than the images' channels, a ``test_fraction`` that leaves no training image, or sampled
+            images constant in a channel (a std of 0).
+        FileNotFoundError: on first access or in ``setup``, if ``data_dir``, ``train/`` or ``test_split`` does not
+            exist.
+
+    Example:
+        >>> import tempfile
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> for split in ("train", "test"):
+        ...     for name in ("cat", "dog"):
+        ...         (Path(folder.name) / split / name).mkdir(parents=True)
+        ...         for shade in (0, 255):  # grayscale: one channel
+        ...             Image.new("L", (24, 20), shade).save(Path(folder.name) / split / name / f"{shade}.png")
+        >>> data = ImageFolderDataModule(folder.name, batch_size=4)
+        >>> data.classes, data.num_classes, data.image_shape
+        (['cat', 'dog'], 2, (1, 20, 24))
+        >>> data.mean, data.std
+        ((0.5,), (0.5,))
+        >>> data.setup("fit")
+        >>> len(data.train_set), len(data.test_set)
+        (4, 4)
+        >>> folder.cleanup()
+    """
+
+    _dataset = "image"
+    _loose_images_hint = "Put each image in the folder of its class: <split>/<class>/<image>."
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        image_size: int | None = None,
+        resize_size: int | None = None,
+        channels: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        stats_samples: int = 1000,
+        num_classes: int | None = None,
+        test_split: str | None = None,
+        test_fraction: float = 0.1,
+        augment: Literal["crop_flip", "resized_crop_flip", "none"] = "crop_flip",
+        val_size: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        self.augment = check_choice(augment, "augment", AUGMENTATIONS)  # before the base's batch_augmentation()
+        self.image_size = None if image_size is None else check_int(image_size, "image_size", minimum=1)
+        if data_dir is None:
+            raise ValueError("data_dir must be the folder that holds train/ (one folder of images per class), got None")
+        super().__init__(data_dir, val_size=val_size, **kwargs)
+        if resize_size is not None and image_size is None:
+            raise ValueError(
+                f"resize_size={resize_size} needs an image_size: set image_size=... (the side of the center crop), "
+                "or leave resize_size out to use the images at their stored size"
+            )
+        self.resize_size = image_size if resize_size is None else check_int(resize_size, "resize_size", minimum=1)
+        if image_size is not None and image_size > self.resize_size:
+            raise ValueError(
+                f"image_size={image_size} must not exceed resize_size={resize_size}: evaluation images are resized "
+                "to resize_size, then center-cropped to image_size (the usual ratio is 224/256)"
+            )
+        if channels not in (None, 1, 3):
+            raise ValueError(f"channels must be 1 (grayscale), 3 (RGB) or None (detected), got {channels!r}")
+        self._channels = channels
+        self._mean, self._std = _given_statistics(mean, std, channels)
+        self.stats_samples = check_int(stats_samples, "stats_samples", minimum=1)
+        self._num_classes = None if num_classes is None else check_int(num_classes, "num_classes", minimum=2)
+        if test_split is not None and (not isinstance(test_split, str) or test_split in ("", "train")):
+            raise ValueError(
+                f"test_split must name the folder of the test split (e.g. 'val'), not {test_split!r}; None: "
+                f"{' or '.join(TEST_FOLDERS)} where one exists, else test_fraction of train/"
+            )
+        self.test_split = test_split
+        if not 0 < test_fraction < 1:
+            raise ValueError(
+                f"test_fraction must lie in (0, 1) (the share of train/ held out as the test split), got "
+                f"{test_fraction!r}"
+            )
+        self.test_fraction = test_fraction
+        if self.augment == "resized_crop_flip" and self.return_index:
+            raise ValueError(
+                "return_index=True with augment='resized_crop_flip' is not supported: a per-image perturbation needs "
+                "one fixed frame per image, and RandomResizedCrop has no inverse. Set augment='crop_flip' (its crop "
+                "and flip then run on the batch's device) or 'none', or keep return_index=False."
+            )
+        self._classes: list[str] | None = None
+        self._samples: dict[str, list[tuple[str, int]]] = {}
+        self._held_out: tuple[list[tuple[str, int]], list[tuple[str, int]]] | None = None
+        self._stats_files: list[str] | None = None
+        self._headers: list[tuple[str, tuple[int, int], str]] | None = None
+        self._computed: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        """The class names: the sorted folder names of ``train/``."""
+        if self._classes is None:
+            self._classes = self._check_layout(["train"])
+        return self._classes
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes if self._num_classes is not None else len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        channels = self._channels if self._channels is not None else self._detected_channels()
+        if self.image_size is not None:
+            return channels, self.image_size, self.image_size
+        width, height = self._stored_size()
+        return channels, height, width
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self._mean if self._mean is not None else self._statistics()[0]
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self._std if self._std is not None else self._statistics()[1]
+
+    @property
+    def stats_files(self) -> list[str]:
+        """The seeded sample of training images (at most ``stats_samples``) read for the statistics, the size and the
+        channels, in the order of ``train/``."""
+        if self._stats_files is None:
+            self._stats_files = _seeded_sample(self._split_samples(train=True), self.stats_samples, self.seed)
+        return self._stats_files
+
+    def setup(self, stage: str) -> None:
+        needs_train = stage in ("fit", "validate")
+        needs_test = stage in ("test", "predict") or (needs_train and self.val_size == 0)
+        folder = self._test_folder()
+        splits = ["train"] if needs_train or (self.data_dir / "train").is_dir() or folder is None else []
+        splits += [folder] if needs_test and folder is not None else []
+        classes = self._check_layout(splits)
+        self._classes = self._classes or classes
+        if self._mean is not None and len(self._mean) != self.image_shape[0]:
+            raise ValueError(
+                f"mean and std have {len(self._mean)} values but the images have {self.image_shape[0]} channel(s): "
+                f"give {self.image_shape[0]} of each, or set channels={len(self._mean)} to convert the images"
+            )
+        if self._batch_augmentation is not None:
+            self._batch_augmentation.padding = self._padding()
+        super().setup(stage)
+
+    def load_split(self, train: bool) -> Dataset:
+        # No transform here: the base applies train_transform or eval_transform per subset.
+        mode = "L" if self.image_shape[0] == 1 else "RGB"
+        return _ImageFiles(
+            self._split_samples(train), mode, None if self.image_size is not None else self._stored_size()
+        )
+
+    def train_transform(self) -> Transform:
+        if self.augment == "resized_crop_flip":
+            return v2.Compose(
+                [
+                    v2.RandomResizedCrop(self.image_shape[1:]),
+                    v2.RandomHorizontalFlip(),
+                    v2.ToImage(),
+                    v2.ToDtype(torch.float32, scale=True),
+                ]
+            )
+        if self.augment == "none" or self.return_index:  # crop_flip with return_index: on the batch's device
+            return self.eval_transform()
+        return v2.Compose(
+            [
+                *self._resize_and_crop(),
+                v2.ToImage(),
+                v2.RandomCrop(self.image_shape[1:], padding=self._padding()),
+                v2.RandomHorizontalFlip(),
+                v2.ToDtype(torch.float32, scale=True),
+            ]
+        )
+
+    def eval_transform(self) -> Transform:
+        return v2.Compose([*self._resize_and_crop(), v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+
+    def batch_augmentation(self) -> RandomCropFlip | None:
+        # The padding depends on the image size, which may be read from the images: set in setup.
+        return RandomCropFlip(padding=0) if self.augment == "crop_flip" else None
+
+    def _resize_and_crop(self) -> list[Transform]:
+        if self.image_size is None:
+            return []
+        return [v2.Resize(self.resize_size), v2.CenterCrop(self.image_size)]
+
+    def _padding(self) -> int:
+        return max(1, min(self.image_shape[1:]) // 8)
+
+    @property
+    def _layout(self) -> str:
+        if self.test_split is not None:
+            return f"train/ and {self.test_split}/"
+        return f"train/ (and optionally {' or '.join(name + '/' for name in TEST_FOLDERS)})"
+
+    def _check_layout(self, splits: Sequence[str]) -> list[str]:
+        return check_image_folder_layout(
+            self.data_dir,
+            splits,
+            self._num_classes,
+            dataset=self._dataset,
+            layout=self._layout,
+            loose_images_hint=self._loose_images_hint,
+        )
+
+    def _test_folder(self) -> str | None:
+        if self.test_split is not None:
+            return self.test_split
+        return next((name for name in TEST_FOLDERS if (self.data_dir / name).is_dir()), None)
+
+    def _listed(self, split: str) -> list[tuple[str, int]]:
+        if split not in self._samples:
+            self._samples[split] = _image_files(self.data_dir / split, self.classes)
+        return self._samples[split]
+
+    def _split_samples(self, train: bool) -> list[tuple[str, int]]:
+        """The training pool (``train/`` less any held-out test images) or the test split."""
+        folder = self._test_folder()
+        if folder is not None:
+            return self._listed("train" if train else folder)
+        if self._held_out is None:
+            samples = self._listed("train")
+            count = max(1, round(self.test_fraction * len(samples)))
+            if count >= len(samples):
+                raise ValueError(
+                    f"test_fraction={self.test_fraction} of the {len(samples)} images of {self.data_dir / 'train'} "
+                    "leaves no training image: lower test_fraction, or add a test/ folder of class folders"
+                )
+            order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(self.seed)).tolist()
+            held_out = set(order[:count])
+            self._held_out = (
+                [sample for index, sample in enumerate(samples) if index not in held_out],
+                [samples[index] for index in sorted(held_out)],
+            )
+            rank_zero_info(
+                f"{type(self).__name__}: {self.data_dir} has no {' or '.join(TEST_FOLDERS)} folder, so {count} of "
+                f"the {len(samples)} images of train/ (test_fraction={self.test_fraction}, seed {self.seed}) are the "
+                "test split."
+            )
+        return self._held_out[0] if train else self._held_out[1]
+
+    def _read_headers(self) -> list[tuple[str, tuple[int, int], str]]:
+        """Size and PIL mode of each image of ``stats_files`` and of as many of the test split's (a seeded sample),
+        from its header (nothing is decoded): a test image of another size is found before the training, too."""
+        if self._headers is None:
+            folder = self._test_folder()
+            if folder is not None:
+                self._check_layout(["train", folder])
+            test_files = _seeded_sample(self._split_samples(train=False), self.stats_samples, self.seed)
+            headers = []
+            for path in self.stats_files + test_files:
+                with Image.open(path) as image:
+                    headers.append((path, image.size, image.mode))
+            self._headers = headers
+        return self._headers
+
+    def _stored_size(self) -> tuple[int, int]:
+        headers = self._read_headers()
+        path, size, _ = headers[0]
+        different = next((header for header in headers if header[1] != size), None)
+        if different is not None:
+            raise ValueError(_different_sizes(different[0], different[1], f"{path} is", size))
+        return size
+
+    def _detected_channels(self) -> int:
+        return 1 if all(mode in _GRAYSCALE_MODES for _, _, mode in self._read_headers()) else 3
+
+    def _statistics(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        if self._computed is None:
+            mode = "L" if self.image_shape[0] == 1 else "RGB"
+            size = None if self.image_size is not None else self._stored_size()
+            images = _ImageFiles([(path, 0) for path in self.stats_files], mode, size)
+            transform = self.eval_transform()
+            mean, std = channel_statistics(transform(images[index][0]) for index in range(len(images)))
+            if min(std) == 0:
+                raise ValueError(
+                    f"the {len(images)} sampled images of {self.data_dir / 'train'} are constant in a channel (std "
+                    f"{std}), which input normalization would divide by: give mean=... and std=... (e.g. std=1.0 "
+                    "per channel)"
+                )
+            self._computed = mean, std
+            rank_zero_info(
+                f"{type(self).__name__}: mean={[round(v, 4) for v in mean]}, std={[round(v, 4) for v in std]} from "
+                f"{len(images)} training images of {self.data_dir / 'train'} (seed {self.seed}); give mean and std "
+                "to skip this."
+            )
+        return self._computed
+
+
+def _seeded_sample(samples: list[tuple[str, int]], count: int, seed: int) -> list[str]:
+    """The paths of ``count`` of ``samples`` (all if fewer) drawn with ``seed``, in their order in ``samples``."""
+    chosen = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))[:count]
+    return [samples[index][0] for index in sorted(chosen.tolist())]
+
+
+def _given_statistics(
+    mean: Sequence[float] | None, std: Sequence[float] | None, channels: int | None
+) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    if (mean is None) != (std is None):
+        raise ValueError(
+            f"mean and std are given together or not at all (then both are computed from the images), got "
+            f"mean={mean!r} and std={std!r}"
+        )
+    if mean is None or std is None:
+        return None, None
+    mean = tuple(float(value) for value in mean)
+    std = tuple(check_positive(float(value), "each std") for value in std)
+    if len(mean) != len(std) or len(mean) not in (1, 3) or (channels is not None and len(mean) != channels):
+        wanted = f"{channels} values each (channels={channels})" if channels is not None else "1 or 3 values each"
+        raise ValueError(f"mean and std must have {wanted}, got {len(mean)} and {len(std)} values")
+    return mean, std
