@@ -3,6 +3,7 @@ leaves nothing half-written in the run's folder (the README's Troubleshooting se
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_cnn, tiny_dataset, tiny_loader
-from dataset_files import write_fashion_mnist, write_image_folder
+from dataset_files import write_fashion_mnist, write_image_folder, write_png_folder
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
+from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from freeadv_pl import (
@@ -21,6 +23,7 @@ from freeadv_pl import (
     CIFAR10DataModule,
     FashionMNISTDataModule,
     FreeAdversarialModule,
+    ImageFolderDataModule,
     ImageNetDataModule,
     NaturalModule,
     PGDAdversarialModule,
@@ -29,6 +32,7 @@ from freeadv_pl import (
     SmallCNN,
 )
 from freeadv_pl.cli import build_cli
+from freeadv_pl.evaluate_command import evaluate_command
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "fashion_mnist"
 
@@ -124,6 +128,50 @@ def _unknown_yaml_key(run: Run) -> None:
     config = run.inputs / "typo.yaml"
     config.write_text("model:\n  init_args:\n    replay: 8\n")
     run.cli("--config", str(config))
+
+
+def _fit_image_folder(run: Run, write: Callable[[Path], object] | None = None) -> None:
+    """Fit on the folder ``run.inputs / "images"`` after ``write`` has put images in it (None: it stays empty)."""
+    root = run.inputs / "images"
+    root.mkdir()
+    if write is not None:
+        write(root)
+    run.trainer().fit(NaturalModule(tiny_cnn(), 3), datamodule=ImageFolderDataModule(root))
+
+
+def _sizes_differ(root: Path) -> None:
+    write_png_folder(root, ["cat", "dog", "fox"], per_class=2, size=(16, 16), splits=("train", "val"))
+    Image.new("RGB", (20, 16)).save(root / "train" / "dog" / "wide.png")
+
+
+def _evaluate(run: Run, model: str, *args: str) -> None:
+    """``freeadv_pl evaluate`` of ``model`` on generated Fashion-MNIST files (PGD-5 on 4 test images), with the
+    modules that ``run.inputs`` holds importable meanwhile."""
+    sys.path.insert(0, str(run.inputs))
+    try:
+        evaluate_command(
+            ["--model", model, "--data.class_path", "freeadv_pl.FashionMNISTDataModule"]
+            + ["--data.init_args.data_dir", str(run.fashion_mnist()), "--attacks", "pgd5", "--epsilon", "0.1"]
+            + ["--num_samples", "4", "--progress_bar", "false", "--device", "cpu", *args]
+        )
+    finally:
+        sys.path.remove(str(run.inputs))
+
+
+def _models_module(run: Run, name: str) -> str:
+    """A user's module in ``run.inputs`` whose ``net()`` is a 5-class model of Fashion-MNIST's images; its name."""
+    (run.inputs / f"{name}.py").write_text(
+        "from torch import nn\n\n\ndef net():\n    return nn.Sequential(nn.Flatten(), nn.Linear(784, 5))\n"
+    )
+    sys.modules.pop(name, None)  # another case's module of the same name
+    return name
+
+
+def _weights_only_file(run: Run) -> str:
+    """A ``.ckpt`` that holds a dict of tensors, not a classifier's checkpoint."""
+    path = run.inputs / "weights.ckpt"
+    torch.save({"weights": torch.zeros(2)}, path)
+    return str(path)
 
 
 NOTHING, NO_CHECKPOINT = "nothing", "no checkpoint"
@@ -360,6 +408,61 @@ CASES = {
         lambda run: run.cli("--ckpt_path", str(run.natural_checkpoint())),
         ValueError,
         ("was not written by the freeadv_pl command line", "Resume or test it from Python"),
+    ),
+    "image-folder-empty": Case(
+        lambda run: _fit_image_folder(run),
+        FileNotFoundError,
+        ("images/train does not exist", "data_dir must hold train/", "one folder per class"),
+    ),
+    "image-folder-one-class": Case(
+        lambda run: _fit_image_folder(run, lambda root: write_png_folder(root, ["cat"], per_class=3)),
+        ValueError,
+        ("holds a single class folder (cat)", "at least 2 classes", "Add a folder of images for each class"),
+    ),
+    "image-folder-sizes-differ": Case(
+        lambda run: _fit_image_folder(run, _sizes_differ),
+        ValueError,
+        ("the images differ in size", "wide.png is 20×16", "image_size=None", "set image_size=..."),
+    ),
+    "evaluate-unknown-model-name": Case(
+        lambda run: _evaluate(run, "torchvision:resnet999"),
+        ValueError,
+        ("unknown model name 'resnet999'", "torchvision.models.list_models() lists them all"),
+    ),
+    "evaluate-model-of-no-form": Case(
+        lambda run: _evaluate(run, "resnet18"),
+        ValueError,
+        ("--model 'resnet18' is no file and no model name", "Did you mean torchvision:resnet18"),
+    ),
+    "evaluate-module-not-importable": Case(
+        lambda run: _evaluate(run, "no_such_models:net"),
+        ImportError,
+        ("no module named 'no_such_models' can be imported", "on PYTHONPATH or run from it"),
+    ),
+    "evaluate-function-not-in-module": Case(
+        lambda run: _evaluate(run, f"{_models_module(run, 'my_models_typo')}:nett"),
+        ImportError,
+        ("has no 'nett'", "Did you mean my_models_typo:net?"),
+    ),
+    "evaluate-checkpoint-not-a-classifier": Case(
+        lambda run: _evaluate(run, _weights_only_file(run)),
+        ValueError,
+        ("is no classifier checkpoint: it holds a dict with keys weights", "--model package.module:function"),
+    ),
+    "evaluate-outputs-vs-classes": Case(
+        lambda run: _evaluate(run, f"{_models_module(run, 'my_models_head')}:net"),
+        ValueError,
+        ("gives 5 logits per image but FashionMNISTDataModule has num_classes=10", "pass a model with 10 outputs"),
+    ),
+    "evaluate-attack-name": Case(
+        lambda run: _evaluate(run, "no_such_models:net", "--attacks", "pgd"),
+        ValueError,
+        ("--attacks: 'pgd' is neither a preset", "pgd20, cw20, pgd20x10"),
+    ),
+    "checkpoint-without-backbone": Case(
+        lambda run: NaturalModule.load_from_checkpoint(run.natural_checkpoint()),
+        ValueError,
+        ("records no backbone configuration", "load_from_checkpoint(path, backbone=", "freeadv_pl evaluate --model"),
     ),
     "yaml-unknown-key": Case(_unknown_yaml_key, SystemExit, ("Option 'replay' is not accepted",)),
 }
