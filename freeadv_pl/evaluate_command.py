@@ -8,13 +8,9 @@ seed it has in one process, and the exact counts are summed, as :class:`~freeadv
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import re
 import sys
 import warnings
@@ -31,21 +27,19 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-import freeadv_pl
-from freeadv_pl._suite import EXAMPLES, WORST, bind, checked_epsilon, count
+from freeadv_pl._evaluation_report import build_report, device_name, report_table, write_report
+from freeadv_pl._suite import bind, checked_epsilon, count
 from freeadv_pl.attack_spec import AttackSpec
 from freeadv_pl.autoattack import AutoAttackSpec
 from freeadv_pl.evaluation import ATTACK_PRESETS, SuiteAttack, attack_suite
 from freeadv_pl.model_sources import load_model
 from freeadv_pl.recipes import find_recipe
-from freeadv_pl.threat_models import ThreatModel, check_radius, format_pixels, threat_model
+from freeadv_pl.threat_models import ThreatModel, check_radius, threat_model
 
 __all__ = ["attack_columns", "evaluate_command"]
 
 # One attack by its key: pgd20, cw100, pgd20x10, with _l2 for the L2 threat model; apgd_l2.
 _ATTACK_KEY = re.compile(r"^(?P<loss>pgd|cw)(?P<steps>\d+)(?:x(?P<restarts>\d+))?(?P<l2>_l2)?$")
-_PACKAGES = ("torch", "torchvision", "lightning", "timm", "torchattacks", "pyautoattack")
-_WORST_TITLE = "worst case"
 
 
 def evaluate_command(args: Sequence[str] | None = None) -> dict[str, Any]:
@@ -107,12 +101,12 @@ def evaluate_command(args: Sequence[str] | None = None) -> dict[str, Any]:
             progress=options.progress_bar and rank == 0,
         )
         counts = _summed_counts(counts, device)
-        settings = {"batch_size": batch_size, "device": _device_name(device), "world_size": world_size}
-        report = _report(options, loaded, datamodule, suite, threat, epsilon, counts, settings, args)
+        settings = {"batch_size": batch_size, "device": device_name(device), "world_size": world_size}
+        report = build_report(options, loaded, datamodule, suite, threat, epsilon, counts, settings, args)
         if rank == 0:
-            print(_table(report), flush=True)
+            print(report_table(report), flush=True)
             if options.report:
-                for name, file in _write_report(report, options.report).items():
+                for name, file in write_report(report, options.report).items():
                     print(f"{name}: {file}", flush=True)
         return report
     finally:
@@ -447,102 +441,3 @@ def _output_check(source: str, data: str, num_classes: int | None) -> Callable[[
             )
 
     return check
-
-
-def _report(
-    options: Any,
-    loaded: Any,
-    datamodule: LightningDataModule,
-    suite: Sequence[SuiteAttack],
-    threat: ThreatModel,
-    epsilon: float,
-    counts: dict[str, int],
-    settings: dict[str, Any],
-    args: Sequence[str] | None,
-) -> dict[str, Any]:
-    examples = counts[EXAMPLES]
-    if not examples:
-        raise ValueError(f"{type(datamodule).__name__}'s test split holds no example to evaluate")
-    classes = getattr(datamodule, "num_classes", None) or 10
-    worst = "per example, the worst of the columns: correct only if correct under every one"
-    columns = [(attack.title, attack.key, attack.describe(epsilon, classes)) for attack in suite]
-    rows = [
-        {"attack": title, "key": key, "accuracy": counts[key] / examples, "correct": counts[key], "description": text}
-        for title, key, text in [*columns, (_WORST_TITLE, WORST, worst)]
-    ]
-    data = type(datamodule)
-    return {
-        "model": options.model,
-        "model_description": loaded.description,
-        "model_kind": loaded.kind,
-        "weights": options.weights,
-        "data": f"{data.__module__}.{data.__qualname__}",
-        "split": "test",
-        "examples": examples,
-        "subset": options.subset,
-        "seed": options.seed,
-        "batch_size": settings["batch_size"],
-        "norm": threat.norm,
-        "threat_model": threat.torchattacks_norm,
-        "epsilon": epsilon,
-        "eps": format_pixels(epsilon),
-        "clean_acc": rows[0]["accuracy"],
-        "worst_case_acc": rows[-1]["accuracy"],
-        "accuracy": {row["key"]: row["accuracy"] for row in rows},
-        "attacks": rows,
-        "device": settings["device"],
-        "world_size": settings["world_size"],
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "versions": _versions(),
-        "command": ["freeadv_pl", "evaluate", *(sys.argv[1:] if args is None else args)],
-    }
-
-
-def _write_report(report: dict[str, Any], path: str | os.PathLike) -> dict[str, Path]:
-    """Write ``report`` to ``path`` with the suffix ``.json`` (all of it) and ``.csv`` (one row per column: natural,
-    each attack and the worst case, with the model, data, ε and norm on every row); returns both files."""
-    files = {"json": Path(path).with_suffix(".json"), "csv": Path(path).with_suffix(".csv")}
-    files["json"].parent.mkdir(parents=True, exist_ok=True)
-    files["json"].write_text(json.dumps(report, indent=2) + "\n")
-    shared = {name: report[name] for name in ("model", "data", "examples", "norm", "epsilon", "eps", "seed")}
-    with open(files["csv"], "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[*shared, "attack", "key", "accuracy", "correct", "description"])
-        writer.writeheader()
-        writer.writerows(shared | row for row in report["attacks"])
-    return files
-
-
-def _table(report: dict[str, Any]) -> str:
-    """The report as the paper's table, each column's description below it."""
-    rows = report["attacks"]
-    data = report["data"].rsplit(".", 1)[-1]
-    heading = (
-        f"Accuracy (%) on {report['examples']:,} test images of {data}, {threat_model(report['norm']).describe(report['epsilon'])}: "
-        f"{report['model_description']}"
-    )
-    return "\n".join(
-        [
-            heading,
-            "| " + " | ".join(row["attack"] for row in rows) + " |",
-            "|" + "---|" * len(rows),
-            "| " + " | ".join(f"{100 * row['accuracy']:.2f}" for row in rows) + " |",
-            *(f"  {row['attack']}: {row['description']}" for row in rows),
-        ]
-    )
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"{device} ({platform.processor() or platform.machine()})"
-
-
-def _versions() -> dict[str, str | None]:
-    """The versions the numbers were computed with (None: not installed)."""
-    versions: dict[str, str | None] = {"python": platform.python_version(), "freeadv_pl": freeadv_pl.__version__}
-    for package in _PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
