@@ -3,10 +3,12 @@ leaves nothing half-written in the run's folder (the README's Troubleshooting se
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -172,6 +174,13 @@ def _weights_only_file(run: Run) -> str:
     path = run.inputs / "weights.ckpt"
     torch.save({"weights": torch.zeros(2)}, path)
     return str(path)
+
+
+def _without(package: str, action: Callable[[], object]) -> object:
+    """``action()`` as if ``package`` were not installed."""
+    real = importlib.util.find_spec
+    with mock.patch.object(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a)):
+        return action()
 
 
 NOTHING, NO_CHECKPOINT = "nothing", "no checkpoint"
@@ -463,6 +472,28 @@ CASES = {
         lambda run: NaturalModule.load_from_checkpoint(run.natural_checkpoint()),
         ValueError,
         ("records no backbone configuration", "load_from_checkpoint(path, backbone=", "freeadv_pl evaluate --model"),
+    ),
+    "autoattack-implementation": Case(
+        lambda run: AutoAttackSpec(implementation="pyautoattack"),
+        ValueError,
+        ("implementation must be 'official' (Croce & Hein's code, pyautoattack) or 'torchattacks'",)
+        + ("got 'pyautoattack'",),
+    ),
+    "autoattack-without-pyautoattack": Case(
+        lambda run: _without("pyautoattack", lambda: RobustEvaluation(test_attacks="autoattack", epsilon=0.1)),
+        ModuleNotFoundError,
+        ("AutoAttackSpec(implementation='official') runs on pyautoattack, which is not installed",)
+        + ('pip install "freeadv_pl[autoattack]"', 'pip install "pyautoattack>=0.2,<0.3"')
+        + ("AutoAttackSpec(implementation='torchattacks')",),
+    ),
+    "autoattack-without-torchattacks": Case(
+        lambda run: _without(
+            "torchattacks",
+            lambda: AutoAttackSpec(implementation="torchattacks")(tiny_cnn(10), *tiny_dataset(4, 10).tensors, 0.1),
+        ),
+        ModuleNotFoundError,
+        ("AutoAttackSpec(implementation='torchattacks') runs on torchattacks, which is not installed",)
+        + ('pip install "torchattacks>=3.5.1,<3.6"', "AutoAttackSpec(implementation='official')"),
     ),
     "yaml-unknown-key": Case(_unknown_yaml_key, SystemExit, ("Option 'replay' is not accepted",)),
 }

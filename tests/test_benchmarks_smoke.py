@@ -11,6 +11,7 @@ from conftest import needs_fashion_mnist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import accuracy_vs_time  # benchmarks/ is a folder of scripts, not a package
+import autoattack_implementations
 import collapse_signals
 import free_cifar10_run
 import frontier
@@ -285,3 +286,22 @@ def test_collapse_signals_records_the_gain_and_the_guards_epochs(tmp_path):
     assert collapse_signals.pgd_guard_epoch([0.5, 0.4, 0.25]) == 2
     assert collapse_signals.first_below([1.2, 1.0], 1.05) == 1
     assert "gain < 1.05 first at epoch" in (tmp_path / "cs.md").read_text()
+
+
+@needs_fashion_mnist
+def test_autoattack_implementations_runs_both_on_the_same_images(tmp_path):
+    configs = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist"
+    quick = ["--train", "--config", str(configs / "free.yaml"), "--config", str(configs / "quick.yaml")]
+    tiny = ["--size", "8", "--batch-size", "4", "--steps", "2", "--queries", "20", "--out", str(tmp_path / "aa")]
+    threads = torch.get_num_threads()
+    rows = autoattack_implementations.main([*quick, *tiny])
+    assert torch.get_num_threads() == threads, "the script's --threads is put back"
+    assert [row["implementation"] for row in rows] == ["official", "torchattacks"]
+    assert all(row["examples"] == 8 and 0 <= row["robust"] <= row["clean"] for row in rows)
+    assert rows[0]["clean"] == rows[1]["clean"], "the same images"
+    saved = json.loads((tmp_path / "aa.json").read_text())
+    assert saved["machine"]["epsilon"] == 0.1 and saved["machine"]["arguments"]["size"] == 8
+    assert 0 <= saved["machine"]["disagreeing_examples"] <= 8
+    markdown = (tmp_path / "aa.md").read_text()
+    assert "| official | pyautoattack" in markdown and "| torchattacks | torchattacks" in markdown
+    assert "Flags of official" in markdown
