@@ -69,6 +69,7 @@ def build_report(
         "attacks": rows,
         "device": settings["device"],
         "world_size": settings["world_size"],
+        "autoattack_flags": settings["autoattack_flags"],
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": _versions(),
         "command": ["freeadv_pl", "evaluate", *(sys.argv[1:] if args is None else args)],
@@ -104,6 +105,7 @@ def report_table(report: dict[str, Any]) -> str:
             "|" + "---|" * len(rows),
             "| " + " | ".join(f"{100 * row['accuracy']:.2f}" for row in rows) + " |",
             *(f"  {row['attack']}: {row['description']}" for row in rows),
+            *(f"  AutoAttack flag ({flag['stage']}): {flag['message']}" for flag in report["autoattack_flags"]),
         ]
     )
 

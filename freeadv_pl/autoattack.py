@@ -400,3 +400,15 @@ def _no_parameter_gradients(model: nn.Module) -> Iterator[None]:
     finally:
         for parameter, requires_grad in saved:
             parameter.requires_grad_(requires_grad)
+
+
+def take_autoattack_flags(suite: Any) -> list[dict[str, str]]:
+    """The flags of the AutoAttack columns of ``suite`` (any sequence of attacks) since they were last taken, as
+    ``{"attack": column key, "stage": attack that raised it, "message": ...}``, emptied: what a report records
+    beside the figures. Take them once before counting, to drop a shared preset's earlier flags."""
+    return [
+        {"attack": attack.key, "stage": stage, "message": message}
+        for attack in suite
+        if isinstance(attack, AutoAttackSpec)
+        for stage, message in attack.take_flags()
+    ]

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from freeadv_pl._evaluation_report import build_report, device_name, report_table, write_report
 from freeadv_pl._suite import bind, checked_epsilon, count
 from freeadv_pl.attack_spec import AttackSpec
-from freeadv_pl.autoattack import AutoAttackSpec
+from freeadv_pl.autoattack import AutoAttackSpec, take_autoattack_flags
 from freeadv_pl.evaluation import ATTACK_PRESETS, SuiteAttack, attack_suite
 from freeadv_pl.model_sources import load_model
 from freeadv_pl.recipes import find_recipe
@@ -87,6 +87,7 @@ def evaluate_command(args: Sequence[str] | None = None) -> dict[str, Any]:
         batches = _subset_batches(
             len(dataset), options.num_samples, batch_size, options.seed, options.subset == "first"
         )
+        take_autoattack_flags(suite)  # a shared preset's flags from an earlier evaluation
         counts = _count_shard(
             model,
             dataset,
@@ -102,6 +103,7 @@ def evaluate_command(args: Sequence[str] | None = None) -> dict[str, Any]:
         )
         counts = _summed_counts(counts, device)
         settings = {"batch_size": batch_size, "device": device_name(device), "world_size": world_size}
+        settings["autoattack_flags"] = take_autoattack_flags(suite)  # this process's
         report = build_report(options, loaded, datamodule, suite, threat, epsilon, counts, settings, args)
         if rank == 0:
             print(report_table(report), flush=True)

@@ -180,7 +180,7 @@ def attack_suite(
         ValueError: on an unknown preset or norm, an empty list, or two columns with the same key (or one named
             ``worst`` or ``examples``).
         TypeError: on a column that lacks a member of the protocol (a preset's name inside a list, say).
-        ModuleNotFoundError: on an AutoAttack column without torchattacks.
+        ModuleNotFoundError: on an AutoAttack column without its implementation's package.
 
     Example:
         >>> [attack.key for attack in attack_suite("autoattack", "l2")]
@@ -218,8 +218,9 @@ def attack_suite(
             f"{name} has attacks with the same name, or one named {WORST!r} or {EXAMPLES!r} (the worst case's and "
             f"the example count's keys): {keys}. Give them distinct `name`s."
         )
-    if any(isinstance(attack, AutoAttackSpec) for attack in suite):
-        AutoAttackSpec.ensure_available()  # before training, not at its end
+    for attack in suite:
+        if isinstance(attack, AutoAttackSpec):
+            attack.ensure_available()  # before training, not at its end
     return suite
 
 

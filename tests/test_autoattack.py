@@ -6,6 +6,7 @@ naturally trained model, carries the official checks' flags into warnings, and i
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import importlib.util
 import logging
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from freeadv_pl import (
     NaturalModule,
     RobustEvaluation,
 )
-from freeadv_pl.autoattack import AutoAttackWarning
+from freeadv_pl.autoattack import AutoAttackWarning, take_autoattack_flags
 from freeadv_pl.evaluation import attack_suite
 from freeadv_pl.models import InputNormalization
 
@@ -250,6 +251,28 @@ def test_the_official_checks_flag_probabilities_before_the_first_attack():
     model, (x, y) = nn.Sequential(tiny_cnn(10), nn.Softmax(dim=1)), tiny_dataset(8, num_classes=10).tensors
     with pytest.warns(AutoAttackWarning, match=r"checks: it seems that the output is a probability distribution"):
         AutoAttackSpec(steps=3, queries=10)(model, x, y, EPSILON)
+
+
+def test_the_flags_reach_the_callbacks_results_table_and_report(tmp_path, capsys):
+    module = NaturalModule(nn.Sequential(tiny_cnn(10), nn.Softmax(dim=1)), 10)
+    callback = RobustEvaluation(test_attacks=[AutoAttackSpec(steps=3, queries=10)], epsilon=EPSILON)
+    trainer = quiet_trainer(callbacks=[callback], default_root_dir=tmp_path)
+    with pytest.warns(AutoAttackWarning, match="probability distribution"):
+        trainer.test(module, DataLoader(tiny_dataset(8, num_classes=10), batch_size=8), verbose=False)
+    (flag,) = callback.results["test"]["flags"]
+    assert flag["attack"] == "autoattack" and flag["stage"] == "checks" and "probability" in flag["message"]
+    assert "AutoAttack flag (checks): " in capsys.readouterr().out
+    report = json.loads((tmp_path / "robust_accuracy.json").read_text())
+    assert report["autoattack_flags"] == [flag]
+
+
+def test_taking_a_suites_flags_empties_them():
+    spec, message = AutoAttackSpec(), "Square Attack has decreased the robust accuracy of 5.50 %."
+    spec.flags.append(("Square", message))
+    assert take_autoattack_flags([AttackSpec(steps=0), spec]) == [
+        {"attack": "autoattack", "stage": "Square", "message": message}
+    ]
+    assert take_autoattack_flags([spec]) == []
 
 
 def test_apgd_on_three_classes_raises_no_flag(recwarn):

@@ -22,7 +22,7 @@ from typing_extensions import override
 from freeadv_pl._checks import check_int
 from freeadv_pl._suite import EXAMPLES, WORST, bind, count
 from freeadv_pl.attack_spec import AttackSpec
-from freeadv_pl.autoattack import AutoAttackSpec
+from freeadv_pl.autoattack import AutoAttackSpec, take_autoattack_flags
 from freeadv_pl.callbacks import _shared
 from freeadv_pl.evaluation import SuiteAttack, attack_suite
 from freeadv_pl.threat_models import ThreatModel, threat_model
@@ -50,7 +50,9 @@ class RobustEvaluation(Callback):
 
     Warnings: on the first batch, outputs that look like probabilities and inputs with zero gradient; after a suite
     with PGD-20 and AutoAttack of the same norm and ε, AutoAttack more than 5 points below PGD-20 (the sign of
-    masked gradients).
+    masked gradients); and the official AutoAttack's own checks, each as it is raised (``AutoAttackWarning``). Those
+    flags are also kept in ``results[stage]["flags"]``, printed under the test table and written to
+    ``robust_accuracy.json`` (``autoattack_flags``).
 
     Args:
         attacks: the validation suite: a list of :class:`~freeadv_pl.AttackSpec`/:class:`~freeadv_pl.AutoAttackSpec`
@@ -112,7 +114,7 @@ class RobustEvaluation(Callback):
         self.batch_size = None if batch_size is None else check_int(batch_size, "batch_size", minimum=1)
         self.seed = seed
         self.bf16 = bf16
-        self.results: dict[str, dict[str, float]] = {}
+        self.results: dict[str, dict[str, Any]] = {}
         self._checked = False
 
     @override
@@ -174,6 +176,7 @@ class RobustEvaluation(Callback):
                 "the attacks run it in eval mode."
             )
         numbers, loader = self._batches(trainer, stage)
+        take_autoattack_flags(suite)  # a shared preset's flags from another evaluation
         counts = count(
             pl_module,
             loader,
@@ -194,6 +197,7 @@ class RobustEvaluation(Callback):
             results[key] = float(accuracy)
             pl_module.log(f"{_PREFIX[stage]}/robust/{key}", accuracy, prog_bar=key not in ("natural", WORST))
         self.results[stage] = results | {EXAMPLES: int(summed[-1]), "epsilon": epsilon, "norm": threat.norm}
+        self.results[stage]["flags"] = take_autoattack_flags(suite)  # this process's: each warned as it was raised
         self._check_masking(suite, results, epsilon)
 
     def _check_masking(self, suite: Sequence[SuiteAttack], results: dict[str, float], epsilon: float = 0.0) -> None:
@@ -256,11 +260,13 @@ class RobustEvaluation(Callback):
             "|" + "---|" * len(rows),
             "| " + " | ".join(f"{100 * row['accuracy']:.2f}" for row in rows) + " |",
             *(f"  {row['attack']}: {row['description']}" for row in rows),
+            *(f"  AutoAttack flag ({flag['stage']}): {flag['message']}" for flag in result["flags"]),
         ]
         print("\n".join(lines), flush=True)
         folder = Path(trainer.log_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         summary = {"examples": result["examples"], "norm": threat.norm, "epsilon": epsilon, "attacks": rows}
+        summary["autoattack_flags"] = result["flags"]
         (folder / "robust_accuracy.json").write_text(json.dumps(summary, indent=2) + "\n")
         with open(folder / "robust_accuracy.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["attack", "key", "accuracy", "description"])

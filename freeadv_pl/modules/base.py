@@ -378,6 +378,7 @@ class ClassifierModule(LightningModule):
         self.log(f"{prefix}/loss", F.cross_entropy(logits, y), sync_dist=True)
         self.log(f"{prefix}/acc", accuracy, prog_bar=True)
 
+
 def check_trainer_for_manual_optimization(trainer: Trainer) -> None:
     """Reject Trainer settings that manual optimization cannot honour, with the fix in the message.
 

@@ -102,7 +102,9 @@ class FreeAdversarialModule(ClassifierModule):
         self.threat = threat_model(norm)
         self.norm = self.threat.norm
         self.epsilon = self.threat.radius(epsilon, "epsilon")
-        self.step_size = self.epsilon if step_size is None else self.threat.radius(step_size, "step_size", allow_zero=False)
+        self.step_size = (
+            self.epsilon if step_size is None else self.threat.radius(step_size, "step_size", allow_zero=False)
+        )
         self.training_loss = training_loss(loss, trades_beta)
         self.delta_memory = check_choice(delta_memory, "delta_memory", ("batch", "example"))
         self.delta_start_noise = as_pixel_fraction(delta_start_noise, "delta_start_noise")
