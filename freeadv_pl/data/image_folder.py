@@ -20,7 +20,7 @@ from freeadv_pl._checks import check_choice, check_int, check_positive
 from freeadv_pl.data.augmentation import RandomCropFlip
 from freeadv_pl.data.base import Transform, VisionDataModule
 
-TEST_FOLDERS = ("test", "val")
+_TEST_FOLDERS = ("test", "val")
 """The folders looked for, in this order, as the test split when ``test_split`` is None."""
 AUGMENTATIONS = ("crop_flip", "resized_crop_flip", "none")
 _GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
@@ -307,7 +307,7 @@ class ImageFolderDataModule(VisionDataModule):
         if test_split is not None and (not isinstance(test_split, str) or test_split in ("", "train")):
             raise ValueError(
                 f"test_split must name the folder of the test split (e.g. 'val'), not {test_split!r}; None: "
-                f"{' or '.join(TEST_FOLDERS)} where one exists, else test_fraction of train/"
+                f"{' or '.join(_TEST_FOLDERS)} where one exists, else test_fraction of train/"
             )
         self.test_split = test_split
         if not 0 < test_fraction < 1:
@@ -429,7 +429,7 @@ class ImageFolderDataModule(VisionDataModule):
     def _layout(self) -> str:
         if self.test_split is not None:
             return f"train/ and {self.test_split}/"
-        return f"train/ (and optionally {' or '.join(name + '/' for name in TEST_FOLDERS)})"
+        return f"train/ (and optionally {' or '.join(name + '/' for name in _TEST_FOLDERS)})"
 
     def _check_layout(self, splits: Sequence[str]) -> list[str]:
         return check_image_folder_layout(
@@ -444,7 +444,7 @@ class ImageFolderDataModule(VisionDataModule):
     def _test_folder(self) -> str | None:
         if self.test_split is not None:
             return self.test_split
-        return next((name for name in TEST_FOLDERS if (self.data_dir / name).is_dir()), None)
+        return next((name for name in _TEST_FOLDERS if (self.data_dir / name).is_dir()), None)
 
     def _listed(self, split: str) -> list[tuple[str, int]]:
         if split not in self._samples:
@@ -471,7 +471,7 @@ class ImageFolderDataModule(VisionDataModule):
                 [samples[index] for index in sorted(held_out)],
             )
             rank_zero_info(
-                f"{type(self).__name__}: {self.data_dir} has no {' or '.join(TEST_FOLDERS)} folder, so {count} of "
+                f"{type(self).__name__}: {self.data_dir} has no {' or '.join(_TEST_FOLDERS)} folder, so {count} of "
                 f"the {len(samples)} images of train/ (test_fraction={self.test_fraction}, seed {self.seed}) are the "
                 "test split."
             )

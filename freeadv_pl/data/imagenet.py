@@ -12,6 +12,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+_FIXED = {"channels": None, "mean": None, "std": None, "test_split": None, "test_fraction": 0.1, "stats_samples": 1000}
+"""ImageFolderDataModule's arguments that ImageNet sets itself, with their defaults."""
+
+
 class ImageNetDataModule(ImageFolderDataModule):
     """ImageNet from an ImageFolder tree, with the preprocessing of the official Free (PyTorch) code: an
     :class:`~freeadv_pl.data.image_folder.ImageFolderDataModule` with ImageNet's constants.
@@ -35,8 +39,9 @@ class ImageNetDataModule(ImageFolderDataModule):
             :class:`~freeadv_pl.data.base.VisionDataModule`.
 
     Raises:
-        ValueError: if ``image_size`` > ``resize_size`` or a size < 1, or with ``return_index`` and ``augment``; in
-            ``setup``, on a bad layout (see :func:`~freeadv_pl.data.image_folder.check_image_folder_layout`).
+        ValueError: if ``image_size`` > ``resize_size`` or a size < 1, with ``return_index`` and ``augment``, or given
+            an argument it fixes (``channels``, ``mean``, ``std``, ``test_split``, ``test_fraction``,
+            ``stats_samples``); in ``setup``, on a bad layout (see :func:`~freeadv_pl.data.image_folder.check_image_folder_layout`).
         FileNotFoundError: in ``setup``, if ``data_dir`` or a split folder does not exist.
 
     Example:
@@ -61,6 +66,13 @@ class ImageNetDataModule(ImageFolderDataModule):
         val_size: int = 0,
         **kwargs: Any,
     ) -> None:
+        # The command line passes the parent's defaults; any other value would be silently replaced.
+        fixed = sorted(name for name, default in _FIXED.items() if kwargs.pop(name, default) != default)
+        if fixed:
+            raise ValueError(
+                f"ImageNetDataModule fixes {', '.join(fixed)} (3 channels, ImageNet's mean and std, val/ as the test "
+                "split): leave them out, or use ImageFolderDataModule for other settings."
+            )
         if augment and kwargs.get("return_index"):
             raise ValueError(
                 "return_index=True with augment=True is not supported for ImageNet: a per-image perturbation needs "
