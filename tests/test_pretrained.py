@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -404,3 +405,34 @@ def test_a_training_module_keeps_the_weights_statistics(tmp_path):
     backbone = pretrained_backbone(SmallCNN(image_size=8), path)
     module = FreeAdversarialModule(backbone, num_classes=10, mean=[0.9], std=[0.1])
     assert module.model is backbone and module.model.mean.flatten().tolist() == pytest.approx([0.3])
+
+
+@pytest.mark.parametrize(
+    "backbone, name",
+    [
+        pytest.param("freeadv_pl.models.TorchvisionBackbone", "resnet18", id="torchvision"),
+        pytest.param("freeadv_pl.models.TimmBackbone", "resnet10t", id="timm"),
+    ],
+)
+def test_a_named_backbone_with_a_weights_file_trains_through_a_config(backbone, name, tmp_path, monkeypatch):
+    import timm
+    from dataset_files import write_cifar
+
+    from freeadv_pl.cli import build_cli
+
+    build = torchvision.models.get_model if "Torchvision" in backbone else timm.create_model
+    file = build(name).state_dict()  # ImageNet's 1,000 classes: the head is replaced for CIFAR-10's 10
+    torch.save(file, tmp_path / "weights.pth")
+    write_cifar(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    configs = Path(__file__).resolve().parent.parent / "configs" / "cifar10"
+    args = ["--config", str(configs / "free_m2.yaml"), "--config", str(configs / "quick.yaml")]
+    args += ["--trainer.default_root_dir", str(tmp_path / "run"), "--model.init_args.backbone", backbone]
+    args += [f"--model.init_args.backbone.init_args.name={name}", "--model.init_args.backbone.init_args.num_classes=10"]
+    args += ["--model.init_args.backbone.init_args.weights", str(tmp_path / "weights.pth")]
+    built = build_cli(args, run=False).model.model.backbone
+    assert torch.equal(
+        built.state_dict()["conv1.weight" if "conv1.weight" in file else "conv1.0.weight"],
+        file["conv1.weight" if "conv1.weight" in file else "conv1.0.weight"],
+    ), "the file's weights"
+    assert build_cli(["fit", *args]).trainer.global_step == 2 * 2, "2 batches of Free-2"
