@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from freeadv_pl._checks import check_choice, check_int
 from freeadv_pl._modes import temporary_mode
-from freeadv_pl._official_autoattack import STAGES, run_official
+from freeadv_pl._official_autoattack import run_official
+from freeadv_pl._torchattacks_autoattack import run_torchattacks
 from freeadv_pl.threat_models import ThreatModel, check_radius, threat_model
 
 __all__ = ["AutoAttackResult", "AutoAttackSpec", "AutoAttackWarning"]
@@ -34,7 +35,6 @@ _PACKAGES = {
     "torchattacks": ("torchattacks", "torchattacks>=3.5.1,<3.6"),
 }
 _MIN_CLASSES = {"standard": 4, "apgd": 3}  # APGD-T's targeted DLR loss reads the 4th-largest logit, DLR the 3rd
-_SQUARE_GAP = 0.002  # Square this far below the gradient attacks (a fraction of the batch): the official check's
 _warned_targets: set[int] = set()
 
 
@@ -266,8 +266,11 @@ class AutoAttackSpec:
                     targets=targets, verbose=self.verbose,
                 )  # fmt: skip
             else:
-                found, stages = self._torchattacks(model, x, y, clean, epsilon, seed, targets)
-                flags = _square_flag(stages, len(y))
+                found, stages, flags = run_torchattacks(
+                    model, x, y, clean, threat=threat, epsilon=epsilon, seed=seed, version=self.version,
+                    steps=self.steps, queries=self.queries, restarts=self.restarts, targets=targets,
+                    verbose=self.verbose,
+                )  # fmt: skip
             candidate = threat.project_images(found.to(device, x.dtype), x, epsilon)  # verified in the ball, [0, 1]
             with torch.no_grad():
                 broken = clean & (model(candidate).argmax(dim=1) != y)
@@ -292,88 +295,10 @@ class AutoAttackSpec:
             )
         return _targets(num_classes)
 
-    def _torchattacks(
-        self, model: nn.Module, x: Tensor, y: Tensor, clean: Tensor, epsilon: float, seed: int, targets: int
-    ) -> tuple[Tensor, dict[str, int]]:
-        """torchattacks' cascade: the adversarial images (``x`` where none was found) and the robust count after each
-        stage. Each attack runs on what the earlier left; a candidate counts once projected and classified again."""
-        threat, robust, x_adv = self.threat, clean.clone(), x.clone()
-        stages = {"clean": int(robust.sum())}
-        for number, (title, build) in enumerate(zip(STAGES[self.version], self._attacks(targets + 1), strict=True)):
-            index = robust.nonzero().squeeze(1)
-            if index.numel() > 0:
-                found = build(model, epsilon, seed + number)(x[index], y[index]).to(x.device, x.dtype)
-                candidate = threat.project_images(found, x[index], epsilon)
-                with torch.no_grad():
-                    broken = model(candidate).argmax(dim=1) != y[index]
-                x_adv[index[broken]] = candidate[broken]
-                robust[index[broken]] = False
-            stages[title] = int(robust.sum())
-        return x_adv, stages
-
-    def _attacks(self, num_classes: int) -> list[Any]:
-        """Factories ``(model, ε, seed) -> torchattacks attack``, in the order they run, for ``num_classes``
-        classes (10 or more: the standard version's 9 targets)."""
-        import torchattacks
-
-        norm = self.threat.torchattacks_norm
-        common = {"norm": norm, "steps": self.steps, "n_restarts": self.restarts}
-        apgd = {**common, "eot_iter": 1, "rho": 0.75, "verbose": self.verbose}
-
-        def apgd_ce(model: nn.Module, epsilon: float, seed: int) -> Any:
-            return torchattacks.APGD(model, eps=epsilon, seed=seed, loss="ce", **apgd)
-
-        if self.version == "apgd":
-
-            def apgd_dlr(model: nn.Module, epsilon: float, seed: int) -> Any:
-                return torchattacks.APGD(model, eps=epsilon, seed=seed, loss="dlr", **apgd)
-
-            return [apgd_ce, apgd_dlr]
-        classes = min(num_classes, 10)  # torchattacks targets n_classes − 1 classes; the official code 9
-
-        def apgd_t(model: nn.Module, epsilon: float, seed: int) -> Any:
-            return torchattacks.APGDT(model, eps=epsilon, seed=seed, n_classes=classes, **apgd)
-
-        def fab_t(model: nn.Module, epsilon: float, seed: int) -> Any:
-            fab = {"alpha_max": 0.1, "eta": 1.05, "beta": 0.9, "multi_targeted": True, "verbose": self.verbose}
-            return torchattacks.FAB(model, eps=epsilon, seed=seed, n_classes=classes, **common, **fab)
-
-        def square(model: nn.Module, epsilon: float, seed: int) -> Any:
-            return torchattacks.Square(
-                model,
-                norm=norm,
-                eps=epsilon,
-                n_queries=self.queries,
-                n_restarts=self.restarts,
-                p_init=0.8,
-                loss="margin",
-                resc_schedule=False,  # the official standard version's: p's schedule is that of 10,000 queries
-                seed=seed,
-                verbose=self.verbose,
-            )
-
-        return [apgd_ce, apgd_t, fab_t, square]
-
 
 def _targets(num_classes: int) -> int:
     """APGD-T's and FAB-T's number of target classes for a model with ``num_classes`` classes."""
     return min(num_classes, 10) - 1
-
-
-def _square_flag(stages: dict[str, int], examples: int) -> list[tuple[str, str]]:
-    """The official code's check of Square, on torchattacks' cascade: a flag when Square breaks more than 0.2 % of
-    the batch that the gradient attacks left robust (a sign that their gradients mislead them)."""
-    if "Square" not in stages:
-        return []
-    gap = (stages["FAB-T"] - stages["Square"]) / examples
-    if gap <= _SQUARE_GAP:
-        return []
-    message = (
-        f"Square Attack has decreased the robust accuracy of {gap:.2%} after the gradient-based attacks: their "
-        "gradients may be masked, so the evaluation may be unreliable. Run Square with more queries and restarts, "
-        "or an adaptive attack."
-    )
-    return [("Square", message)]
 
 
 def _collapsed(flags: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
@@ -19,6 +18,7 @@ from freeadv_pl._lightning_compat import cli_class_path, cli_subcommand_entries
 from freeadv_pl.data.base import VisionDataModule
 from freeadv_pl.evaluate_command import evaluate_command
 from freeadv_pl.export import exported_files
+from freeadv_pl.model_sources import module_from_fit_checkpoint
 from freeadv_pl.modules._checkpoint import record_build_config
 from freeadv_pl.modules.base import ClassifierModule, check_trainer_for_manual_optimization
 from freeadv_pl.recipes import main as recipes_main
@@ -203,8 +203,9 @@ def main(args: list[str] | None = None) -> None:
 
 def export_command(args: list[str] | None = None) -> dict[str, Path]:
     """``freeadv_pl export --ckpt_path CKPT --output model.pt2 [--config CONFIG]``: export a checkpoint of a
-    ``freeadv_pl fit`` run. The model is rebuilt from the run's config (default: the ``config.yaml`` that
-    LightningCLI wrote beside the ``checkpoints`` folder), then the checkpoint's weights are loaded."""
+    ``freeadv_pl fit`` run, rebuilt by :func:`freeadv_pl.model_sources.module_from_fit_checkpoint`: from the
+    checkpoint alone, else from the run's config (``--config``; default: the ``config.yaml`` that LightningCLI wrote
+    beside the ``checkpoints`` folder) and the checkpoint's weights."""
     parser = argparse.ArgumentParser(prog="freeadv_pl export", description=export_command.__doc__)
     parser.add_argument("--ckpt_path", required=True, type=Path, help="a checkpoint written by `freeadv_pl fit`")
     parser.add_argument("--output", required=True, type=Path, help="the program's file, e.g. model.pt2")
@@ -216,21 +217,7 @@ def export_command(args: list[str] | None = None) -> dict[str, Path]:
     if not options.ckpt_path.is_file():
         parser.error(f"--ckpt_path {options.ckpt_path} is not a file")
     exported_files(options.output)  # a bad suffix fails before the checkpoint is read
-    config = options.config or options.ckpt_path.resolve().parent.parent / "config.yaml"
-    if not config.is_file():
-        raise ValueError(
-            f"no config to rebuild the model of --ckpt_path {options.ckpt_path}: {config} does not exist (a "
-            "`freeadv_pl fit` run writes config.yaml beside its checkpoints folder). Pass --config with the run's "
-            "config, or in Python build the module as it was trained, load the checkpoint and call "
-            "module.export('model.pt2')."
-        )
-    settings = yaml.safe_load(config.read_text())
-    for key in ("ckpt_path", "weights_only"):  # fit's own arguments, not the model's
-        settings.pop(key, None)
-    model = build_cli(settings, run=False).model
-    checkpoint = torch.load(options.ckpt_path, map_location="cpu", weights_only=True)
-    model.load_state_dict(checkpoint["state_dict"], strict=False)
-    model.on_load_checkpoint(checkpoint)
+    model = module_from_fit_checkpoint(options.ckpt_path, options.config)
     shape = None if options.input_shape is None else [int(size) for size in options.input_shape.split(",")]
     files = model.export(options.output, input_shape=shape)
     for name, file in files.items():

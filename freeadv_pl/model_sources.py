@@ -237,8 +237,9 @@ def module_from_fit_checkpoint(path: str | os.PathLike, config: str | os.PathLik
     if not config.is_file():
         raise FileNotFoundError(
             f"no config to rebuild the model of {path}: {config} does not exist{failure}. A `freeadv_pl fit` run "
-            "writes config.yaml beside its checkpoints folder: pass it with --model_config, or export the model "
-            "(module.export('model.pt2')) and evaluate the .pt2."
+            "writes config.yaml beside its checkpoints folder: pass the run's config (freeadv_pl evaluate "
+            "--model_config, freeadv_pl export --config), or in Python build the module as it was trained, load the "
+            "checkpoint and call module.export('model.pt2')."
         )
     from freeadv_pl.cli import build_cli
 

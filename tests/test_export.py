@@ -124,6 +124,6 @@ def test_bad_export_requests_name_the_fix(tmp_path):
     trainer = quiet_trainer(max_steps=1, enable_checkpointing=False)
     trainer.fit(module, train_dataloaders=tiny_loader())
     trainer.save_checkpoint(tmp_path / "python.ckpt")
-    with pytest.raises(ValueError, match="no config to rebuild the model.*--config.*module.export"):
+    with pytest.raises(FileNotFoundError, match="no config to rebuild the model.*export --config.*module.export"):
         main(["export", "--ckpt_path", str(tmp_path / "python.ckpt"), "--output", str(tmp_path / "model.pt2")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["python.ckpt"]
