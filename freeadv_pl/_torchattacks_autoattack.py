@@ -35,7 +35,7 @@ def run_torchattacks(
     """The adversarial images (``x`` where none was found), the robust count after each stage and the flags of
     torchattacks' cascade on ``x`` (labels ``y``; ``clean`` marks the examples classified right). Attack ``n`` is
     seeded with ``seed + n``; a candidate counts once projected into the ε-ball and [0, 1] and classified again."""
-    builders = _attacks(threat.torchattacks_norm, version, steps, queries, restarts, targets + 1, verbose)
+    builders = attack_factories(threat.torchattacks_norm, version, steps, queries, restarts, targets + 1, verbose)
     robust, x_adv = clean.clone(), x.clone()
     stages = {"clean": int(robust.sum())}
     for number, (title, build) in enumerate(zip(STAGES[version], builders, strict=True)):
@@ -51,7 +51,7 @@ def run_torchattacks(
     return x_adv, stages, _square_flag(stages, len(y))
 
 
-def _attacks(
+def attack_factories(
     norm: str, version: str, steps: int, queries: int, restarts: int, num_classes: int, verbose: bool
 ) -> list[Any]:
     """Factories ``(model, ε, seed) -> torchattacks attack``, in the order they run, for ``num_classes`` classes

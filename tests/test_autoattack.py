@@ -29,6 +29,7 @@ from freeadv_pl import (
     NaturalModule,
     RobustEvaluation,
 )
+from freeadv_pl._torchattacks_autoattack import attack_factories
 from freeadv_pl.autoattack import AutoAttackWarning, take_autoattack_flags
 from freeadv_pl.evaluation import attack_suite
 from freeadv_pl.models import InputNormalization
@@ -323,12 +324,10 @@ def test_the_l2_spec_builds_torchattacks_l2_attacks():
     spec = AutoAttackSpec(norm="l2", implementation="torchattacks")
     assert (spec.key, spec.title) == ("autoattack_l2", "AutoAttack (L2)")
     assert "; L2 ε = 0.5;" in spec.describe(0.5) and "L∞" not in spec.describe(0.5)
-    built = [build(tiny_cnn(10), 0.5, 0) for build in spec._attacks(10)]
+    built = [build(tiny_cnn(10), 0.5, 0) for build in attack_factories("L2", "standard", 100, 5000, 1, 10, False)]
     assert [type(attack).__name__ for attack in built] == ["APGD", "APGDT", "FAB", "Square"]
-    assert {attack.norm for attack in built} == {"L2"}
-    assert {attack.norm for attack in (build(tiny_cnn(10), 0.5, 0) for build in AutoAttackSpec()._attacks(10))} == {
-        "Linf"
-    }
+    assert {attack.norm for attack in built} == {"L2"} and spec.threat.torchattacks_norm == "L2"
+    assert AutoAttackSpec().threat.torchattacks_norm == "Linf"
     assert AutoAttackSpec().resolved("l2") == AutoAttackSpec(norm="l2") and spec.resolved("linf") is spec
 
 
