@@ -70,6 +70,7 @@ def build_report(
         "device": settings["device"],
         "world_size": settings["world_size"],
         "autoattack_flags": settings["autoattack_flags"],
+        "warnings": settings["warnings"],
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": _versions(),
         "command": ["freeadv_pl", "evaluate", *(sys.argv[1:] if args is None else args)],
@@ -106,6 +107,7 @@ def report_table(report: dict[str, Any]) -> str:
             "| " + " | ".join(f"{100 * row['accuracy']:.2f}" for row in rows) + " |",
             *(f"  {row['attack']}: {row['description']}" for row in rows),
             *(f"  AutoAttack flag ({flag['stage']}): {flag['message']}" for flag in report["autoattack_flags"]),
+            *(f"  Warning: {message}" for message in report["warnings"]),
         ]
     )
 

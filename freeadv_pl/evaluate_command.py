@@ -27,8 +27,9 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from freeadv_pl._evaluation_checks import first_batch_warnings, masking_warnings
 from freeadv_pl._evaluation_report import build_report, device_name, report_table, write_report
-from freeadv_pl._suite import bind, checked_epsilon, count
+from freeadv_pl._suite import EXAMPLES, bind, checked_epsilon, count
 from freeadv_pl.attack_spec import AttackSpec
 from freeadv_pl.autoattack import AutoAttackSpec, take_autoattack_flags
 from freeadv_pl.evaluation import ATTACK_PRESETS, SuiteAttack, attack_suite
@@ -88,6 +89,7 @@ def evaluate_command(args: Sequence[str] | None = None) -> dict[str, Any]:
             len(dataset), options.num_samples, batch_size, options.seed, options.subset == "first"
         )
         take_autoattack_flags(suite)  # a shared preset's flags from an earlier evaluation
+        found_first: list[str] = []  # what the first batch shows about the model (probabilities, zero gradients)
         counts = _count_shard(
             model,
             dataset,
@@ -98,12 +100,16 @@ def evaluate_command(args: Sequence[str] | None = None) -> dict[str, Any]:
             rank=rank,
             world_size=world_size,
             loader=loader,
-            check=_output_check(options.model, type(datamodule).__name__, num_classes),
+            check=_output_check(options.model, type(datamodule).__name__, num_classes, found_first),
             progress=options.progress_bar and rank == 0,
         )
         counts = _summed_counts(counts, device)
         settings = {"batch_size": batch_size, "device": device_name(device), "world_size": world_size}
         settings["autoattack_flags"] = take_autoattack_flags(suite)  # this process's
+        accuracy = {key: counts[key] / max(counts[EXAMPLES], 1) for key in counts}
+        settings["warnings"] = found_first + masking_warnings(suite, accuracy, epsilon)
+        for message in settings["warnings"] if rank == 0 else ():
+            warnings.warn(message, stacklevel=2)
         report = build_report(options, loaded, datamodule, suite, threat, epsilon, counts, settings, args)
         if rank == 0:
             print(report_table(report), flush=True)
@@ -412,8 +418,11 @@ def _test_split(datamodule: LightningDataModule, rank: int) -> tuple[Dataset, Da
     return loader.dataset, loader
 
 
-def _output_check(source: str, data: str, num_classes: int | None) -> Callable[[nn.Module, Tensor, Tensor], None]:
-    """The check on the first batch: the model takes the data's images and gives one logit per class."""
+def _output_check(
+    source: str, data: str, num_classes: int | None, found: list[str]
+) -> Callable[[nn.Module, Tensor, Tensor], None]:
+    """The check on the first batch: the model takes the data's images and gives one logit per class (else an
+    error); what else the batch shows about the model (:func:`first_batch_warnings`) is appended to ``found``."""
 
     def check(model: nn.Module, x: Tensor, y: Tensor) -> None:
         try:
@@ -441,5 +450,6 @@ def _output_check(source: str, data: str, num_classes: int | None) -> Callable[[
                 f"{data}'s labels lie in [{int(y.min())}, {int(y.max())}] but --model {source} gives {width} logits: "
                 "the labels must index the model's classes."
             )
+        found.extend(first_batch_warnings(model, x, y))
 
     return check

@@ -74,6 +74,10 @@ def five_classes():
 
 def probabilities():
     return 42
+
+
+def softmax():
+    return nn.Sequential(linear(), nn.Softmax(dim=1))
 """
 
 
@@ -221,6 +225,14 @@ def test_the_progress_bar_goes_to_stderr(bands, capsys):
     captured = capsys.readouterr()
     assert "evaluate" in captured.err and "3/3" in captured.err
     assert "evaluate: " not in captured.out
+
+
+def test_a_model_that_gives_probabilities_is_warned_in_the_table_and_the_report(bands, capsys):
+    arguments = ["--model", "bands:softmax", "--data", "bands.Bands", "--attacks", "natural", "--epsilon", "0.1"]
+    with pytest.warns(UserWarning, match="outputs sum to one like probabilities"):
+        report = evaluate_command([*arguments, "--progress_bar", "false"])
+    assert [message for message in report["warnings"] if "probabilities" in message]
+    assert "  Warning: the model's outputs sum to one like probabilities" in capsys.readouterr().out
 
 
 def test_the_processes_of_a_torchrun_share_the_batches_and_sum_exact_counts(bands):

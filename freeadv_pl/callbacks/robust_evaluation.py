@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
@@ -20,15 +19,14 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from freeadv_pl._checks import check_int
+from freeadv_pl._evaluation_checks import first_batch_warnings, masking_warnings
 from freeadv_pl._suite import EXAMPLES, WORST, bind, count
-from freeadv_pl.attack_spec import AttackSpec
-from freeadv_pl.autoattack import AutoAttackSpec, take_autoattack_flags
+from freeadv_pl.autoattack import take_autoattack_flags
 from freeadv_pl.callbacks import _shared
 from freeadv_pl.evaluation import SuiteAttack, attack_suite
 from freeadv_pl.threat_models import ThreatModel, threat_model
 
 _PREFIX = {"validate": "val", "test": "test"}
-MASKING_GAP = 0.05  # AutoAttack this far below PGD-20 (same norm, same ε, same examples): PGD's gradients mislead it
 # Lightning's advice, under DDP, to log an epoch-level tensor with sync_dist=True, for this callback's keys only.
 _SYNC_DIST_ADVICE = r"It is recommended to use `self\.log\('(val|test)/robust/"
 
@@ -201,46 +199,13 @@ class RobustEvaluation(Callback):
         self._check_masking(suite, results, epsilon)
 
     def _check_masking(self, suite: Sequence[SuiteAttack], results: dict[str, float], epsilon: float = 0.0) -> None:
-        """Warn when AutoAttack finds far fewer robust examples than PGD-20 of the same norm and ε on the same ones."""
-        for attack in suite:
-            if not (isinstance(attack, AutoAttackSpec) and attack.version == "standard"):
-                continue
-            radius = (attack.threat.norm, attack.epsilon_for(epsilon))
-            pgd20 = next(
-                (
-                    a
-                    for a in suite
-                    if isinstance(a, AttackSpec)
-                    and (a.steps, a.loss, a.restarts) == (20, "ce", 1)
-                    and (a.threat.norm, a.epsilon_for(epsilon)) == radius
-                ),
-                None,
-            )
-            gap = 0.0 if pgd20 is None else results[pgd20.key] - results[attack.key]
-            if gap > MASKING_GAP:
-                rank_zero_warn(
-                    f"{attack.title}'s accuracy ({100 * results[attack.key]:.1f} %) is {100 * gap:.1f} points below "
-                    f"{pgd20.title}'s ({100 * results[pgd20.key]:.1f} %) on the same examples: the model likely masks "
-                    f"its gradients, so PGD numbers overstate its robustness. Report {attack.title}'s."
-                )
+        for message in masking_warnings(suite, results, epsilon):
+            rank_zero_warn(message)
 
     def _sanity_checks(self, model: LightningModule, x: Tensor, y: Tensor) -> None:
-        """AutoAttack-style checks on the first batch: probabilities as outputs, zero input gradients."""
         self._checked = True
-        with torch.inference_mode(False), torch.enable_grad():
-            inputs = x.detach().clone().requires_grad_(True)
-            outputs = model(inputs)
-            (gradient,) = torch.autograd.grad(F.cross_entropy(outputs, y.detach().clone()), inputs)
-        outputs = outputs.detach()
-        if bool((outputs >= 0).all()) and torch.allclose(outputs.sum(dim=1), torch.ones_like(outputs[:, 0]), atol=1e-4):
-            rank_zero_warn(
-                "the model's outputs sum to one like probabilities: attacks need logits. Remove the final softmax."
-            )
-        if not bool(gradient.abs().gt(0).any()):
-            rank_zero_warn(
-                "the loss has zero gradient with respect to every input of the first batch: the model masks its "
-                "gradients (e.g. a non-differentiable step), so gradient attacks overestimate its robustness."
-            )
+        for message in first_batch_warnings(model, x, y):
+            rank_zero_warn(message)
 
     def _report(self, trainer: Trainer, pl_module: LightningModule) -> None:
         result = self.results["test"]
