@@ -19,7 +19,7 @@ from freeadv_pl.data.base import VisionDataModule
 from freeadv_pl.evaluate_command import evaluate_command
 from freeadv_pl.export import exported_files
 from freeadv_pl.model_sources import module_from_fit_checkpoint
-from freeadv_pl.modules._checkpoint import record_build_config
+from freeadv_pl.modules._checkpoint import imported_class, record_build_config
 from freeadv_pl.modules.base import ClassifierModule, check_trainer_for_manual_optimization
 from freeadv_pl.recipes import main as recipes_main
 from freeadv_pl.recipes import resolve_config_args
@@ -138,7 +138,7 @@ def _check_checkpoint_class(config: Any) -> None:
             "model class, so LightningCLI cannot rebuild the model from them. Resume or test it from Python, e.g. "
             "Trainer(...).fit(module, datamodule, ckpt_path=...), or pass a checkpoint of a `freeadv_pl fit` run."
         )
-    saved_class, configured_class = _imported_class(saved), _imported_class(configured)
+    saved_class, configured_class = imported_class(saved), imported_class(configured)
     builds_the_configured_class = saved_class is not None and issubclass(saved_class, configured_class or object)
     if not builds_the_configured_class:
         raise ValueError(
@@ -161,13 +161,6 @@ def _newest_last_checkpoint(root: str | None) -> str | None:
     newest = found[-1].resolve()
     rank_zero_info(f"--ckpt_path last: resuming from {newest}")
     return str(newest)
-
-
-def _imported_class(class_path: str) -> type | None:
-    """The class named ``class_path`` if its module is already imported (a checkpoint's text imports nothing)."""
-    module, _, name = class_path.rpartition(".")
-    found = getattr(sys.modules.get(module), name, None)
-    return found if isinstance(found, type) else None
 
 
 def build_cli(args: ArgsType = None, run: bool = True) -> FreeAdvCLI:

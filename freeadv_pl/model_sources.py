@@ -283,12 +283,11 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
 def _recorded_class(checkpoint: dict[str, Any], base: type) -> type:
     """The module class that wrote ``checkpoint`` if it is imported (a checkpoint's text imports nothing), else
     ``base``."""
-    from freeadv_pl.modules._checkpoint import MODULE_KEY
+    from freeadv_pl.modules._checkpoint import MODULE_KEY, imported_class
 
     for class_path in checkpoint.get(MODULE_KEY) or []:
-        module, _, name = str(class_path).rpartition(".")
-        found = getattr(sys.modules.get(module), name, None)
-        if isinstance(found, type) and issubclass(found, base):
+        found = imported_class(str(class_path))
+        if found is not None and issubclass(found, base):
             return found
     return base
 

@@ -6,6 +6,7 @@ rebuilds the module from the path alone."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,6 +86,13 @@ def rebuild_error(module_class: type, checkpoint_path: Any, error: Exception) ->
         f"{module_class.__name__}.load_from_checkpoint(path, backbone=SmallCNN(in_channels=1)), or evaluate it with "
         "`freeadv_pl evaluate --model PATH`, which rebuilds it from the run's config.yaml."
     )
+
+
+def imported_class(class_path: str) -> type | None:
+    """The class named ``class_path`` if its module is already imported (a checkpoint's text imports nothing)."""
+    module, _, name = class_path.rpartition(".")
+    found = getattr(sys.modules.get(module), name, None)
+    return found if isinstance(found, type) else None
 
 
 def attached_trainer(module: LightningModule) -> Trainer | None:
