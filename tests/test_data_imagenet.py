@@ -109,3 +109,9 @@ def test_a_missing_folder_and_bad_sizes(tmp_path):
         ImageNetDataModule(tmp_path / "imagenet").setup("test")
     with pytest.raises(ValueError, match="image_size=256 must not exceed resize_size=224"):
         ImageNetDataModule(tmp_path, image_size=256, resize_size=224)
+
+
+@pytest.mark.parametrize("setting", [{"stats_samples": 5}, {"mean": [0.5, 0.5, 0.5]}, {"test_split": "test"}])
+def test_the_folder_settings_imagenet_fixes_are_refused(setting, tmp_path):
+    with pytest.raises(ValueError, match=f"ImageNetDataModule fixes {next(iter(setting))} .*use ImageFolderDataModule"):
+        ImageNetDataModule(tmp_path, **setting)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-_FIXED = {"channels": None, "mean": None, "std": None, "test_split": None, "test_fraction": 0.1, "stats_samples": 1000}
+_FIXED = {
+    name: inspect.signature(ImageFolderDataModule.__init__).parameters[name].default
+    for name in ("channels", "mean", "std", "test_split", "test_fraction", "stats_samples")
+}
 """ImageFolderDataModule's arguments that ImageNet sets itself, with their defaults."""
 
 
