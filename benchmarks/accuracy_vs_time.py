@@ -45,6 +45,7 @@ from freeadv_pl import (
     TrainingTime,
     robust_accuracy,
 )
+from freeadv_pl.autoattack import take_autoattack_flags
 from freeadv_pl.evaluation import SuiteAttack
 
 EPSILON = 0.1
@@ -157,11 +158,22 @@ def cache_file(folder: Path | None, name: str, epochs: int, lr: float) -> Path |
 
 def accuracy(
     module: LightningModule, dataset: Dataset, attacks: dict[str, SuiteAttack], seed: int, epsilon: float = EPSILON
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Accuracy (%) of ``module`` on ``dataset`` under each of ``attacks`` (by column) at ``epsilon``, with
-    :func:`freeadv_pl.robust_accuracy`'s seeded random starts."""
+    :func:`freeadv_pl.robust_accuracy`'s seeded random starts; the flags AutoAttack's own checks raised on this run,
+    if any, as ``"stage: message"`` strings under ``"AutoAttack flags"``."""
+    take_autoattack_flags(attacks.values())  # a spec shared between runs: drop an earlier run's flags
     result = robust_accuracy(module.model, DataLoader(dataset, batch_size=500), [*attacks.values()], epsilon, seed=seed)
-    return {column: 100.0 * result[attack.key] for column, attack in attacks.items()}
+    scores: dict[str, Any] = {column: 100.0 * result[attack.key] for column, attack in attacks.items()}
+    flags = take_autoattack_flags(attacks.values())
+    if flags:
+        scores["AutoAttack flags"] = [f"{flag['stage']}: {flag['message']}" for flag in flags]
+    return scores
+
+
+def flagged_by(row: dict[str, Any]) -> str:
+    """The attacks whose AutoAttack checks flagged ``row``'s evaluation (see :func:`accuracy`), for a table cell."""
+    return ", ".join(flag.split(":")[0] for flag in row.get("AutoAttack flags", []))
 
 
 AUTOATTACK = AutoAttackSpec()

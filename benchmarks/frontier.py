@@ -36,7 +36,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the non-interactive backend
 import torch
 from _common import RESULTS, machine, markdown_table, quiet_lightning, write_results
-from accuracy_vs_time import accuracy, autoattack_subset, cache_file, train
+from accuracy_vs_time import accuracy, autoattack_subset, cache_file, flagged_by, train
 from lightning.pytorch import LightningModule
 
 from freeadv_pl import (
@@ -213,10 +213,11 @@ def _write(runs: list[dict[str, Any]], info: dict[str, Any], out: Path, collapse
                ("collapsed seeds", "collapsed seeds")]
     table = markdown_table(lines, columns)
     per_run = markdown_table(
-        sorted(runs, key=lambda run: (run["epsilon"], run["method"], run["seed"])),
+        [run | {"flagged by": flagged_by(run)} for run in
+         sorted(runs, key=lambda run: (run["epsilon"], run["method"], run["seed"]))],
         [("epsilon", "ε"), ("method", "method"), ("seed", "seed"), ("epochs", "epochs"), ("cpu_minutes", "CPU min"),
          ("natural", "natural %"), ("PGD-20", "PGD-20 %"), ("AutoAttack", "AutoAttack %"),
-         ("APGD-CE+DLR", "APGD-CE+DLR %"), ("lr", "peak lr")],
+         ("APGD-CE+DLR", "APGD-CE+DLR %"), ("flagged by", "AutoAttack's flags"), ("lr", "peak lr")],
     )
     arguments = info.get("arguments", {})
     title = (f"The cheap-AT frontier, Fashion-MNIST, SmallCNN, N = {arguments.get('epochs')} natural epochs on "

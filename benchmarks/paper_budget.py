@@ -46,6 +46,7 @@ from accuracy_vs_time import (
     autoattack_descriptions,
     autoattack_subset,
     cache_file,
+    flagged_by,
     train,
 )
 from lightning.pytorch import LightningModule
@@ -264,9 +265,10 @@ def _write(rows: list[dict[str, Any]], info: dict[str, Any], out: Path) -> None:
         ("cost_vs_natural", "CPU time ÷ natural's"),
         ("validation_pgd10", "val PGD-10 %"),
         *((key, f"{description} %") for key, description in attacks.items()),
+        ("flagged by", "AutoAttack's flags"),
         ("lr", "peak lr"),
     ]
-    table = markdown_table(rows, columns)
+    table = markdown_table([row | {"flagged by": flagged_by(row)} for row in rows], columns)
     arguments = info["arguments"]
     threat = "L2" if info.get("norm") == "l2" else "L∞"
     title = (

@@ -154,8 +154,12 @@ class AutoAttackSpec:
 
     def resolved(self, norm: str | ThreatModel) -> AutoAttackSpec:
         """This attack in ``norm``'s threat model if it names no norm itself (ε checked against it); itself
-        otherwise."""
-        return self if self.norm is not None else dataclasses.replace(self, norm=threat_model(norm).norm)
+        otherwise. The two keep one list of :attr:`flags`: the spec a suite was given reports the resolved one's."""
+        if self.norm is not None:
+            return self
+        copy = dataclasses.replace(self, norm=threat_model(norm).norm)
+        object.__setattr__(copy, "flags", self.flags)  # frozen: set as the dataclass itself sets fields
+        return copy
 
     @property
     def key(self) -> str:

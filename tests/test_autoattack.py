@@ -28,6 +28,7 @@ from freeadv_pl import (
     FashionMNISTDataModule,
     NaturalModule,
     RobustEvaluation,
+    robust_accuracy,
 )
 from freeadv_pl._torchattacks_autoattack import attack_factories
 from freeadv_pl.autoattack import AutoAttackWarning, take_autoattack_flags
@@ -274,6 +275,16 @@ def test_taking_a_suites_flags_empties_them():
         {"attack": "autoattack", "stage": "Square", "message": message}
     ]
     assert take_autoattack_flags([spec]) == []
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_the_spec_given_to_robust_accuracy_keeps_the_flags_of_its_resolved_copy(norm):
+    model, dataset = nn.Sequential(tiny_cnn(10), nn.Softmax(dim=1)), tiny_dataset(8, num_classes=10)
+    spec = AutoAttackSpec(steps=3, queries=10)  # names no norm: the evaluation resolves a copy in its own
+    with pytest.warns(AutoAttackWarning, match="probability distribution"):
+        robust_accuracy(model, DataLoader(dataset, batch_size=8), [spec], 0.5 if norm == "l2" else EPSILON, norm=norm)
+    (flag,) = take_autoattack_flags([spec])
+    assert flag["stage"] == "checks" and "probability distribution" in flag["message"]
 
 
 def test_apgd_on_three_classes_raises_no_flag(recwarn):

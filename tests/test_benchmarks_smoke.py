@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
-from conftest import needs_fashion_mnist
+from conftest import needs_fashion_mnist, tiny_cnn, tiny_dataset
+
+from freeadv_pl import AutoAttackSpec
+from freeadv_pl.autoattack import AutoAttackWarning
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import accuracy_vs_time  # benchmarks/ is a folder of scripts, not a package
@@ -114,6 +119,18 @@ def test_accuracy_vs_time_runs_on_a_tiny_size(tmp_path):
     assert "| CW-20 (CW loss, ε = 0.1, step 0.025, 1 random start) % |" in table and "- note: a test" in table
     assert all(f"| {method} | " in table for method in methods)
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_the_benchmarks_record_autoattacks_flags_of_each_run_only():
+    model = torch.nn.Sequential(tiny_cnn(10), torch.nn.Softmax(dim=1))  # probabilities: the official checks flag it
+    spec, dataset = AutoAttackSpec(steps=3, queries=10), tiny_dataset(8, num_classes=10)
+    with pytest.warns(AutoAttackWarning, match="probability distribution"):
+        first = accuracy_vs_time.accuracy(SimpleNamespace(model=model), dataset, {"AutoAttack": spec}, 0)
+    (flag,) = first["AutoAttack flags"]
+    assert flag.startswith("checks: it seems that the output is a probability distribution")
+    assert accuracy_vs_time.flagged_by(first) == "checks" and accuracy_vs_time.flagged_by({}) == ""
+    model[1] = torch.nn.Identity()  # logits: no flag, and none left over from the first run in the shared spec
+    assert "AutoAttack flags" not in accuracy_vs_time.accuracy(SimpleNamespace(model=model), dataset, {"AA": spec}, 0)
 
 
 @needs_fashion_mnist
