@@ -5,7 +5,8 @@ results files (``results/*.json``) alone: no training, no torch, seconds on any 
     python benchmarks/plots.py --out /tmp/p     # anywhere else
 
 - ``frontier_cpu_N32_seeds.png`` (section 10): PGD-20 accuracy against training CPU time per method, one panel per
-  ε, every seed as a point and the mean with a bar over the seeds' range (min to max: the table's "spread").
+  ε, every seed as a point and the mean with a bar over the seeds' range (min to max: the table's "spread"), and
+  each seed's accuracy under AutoAttack or the APGD preset where it was measured.
 - ``paper_budget_autoattack.png`` (section 6b): natural, PGD-20 and AutoAttack accuracy of each N = 80 model, the
   CPU models and the H200 run side by side.
 - ``recipe_seeds.png`` (section 9): PGD-20 accuracy of each shipped recipe at each seed, with the mean and range.
@@ -86,7 +87,8 @@ def _device(info: dict[str, Any]) -> str:
 
 
 def plot_frontier(results: Path, out: Path) -> Path:
-    """Section 10: PGD-20 against training CPU time per method, per ε; every seed, and the mean with its range."""
+    """Section 10: PGD-20 against training CPU time per method, per ε; every seed, and the mean with its range; the
+    stronger attacks' accuracy of each seed where measured."""
     data = _load(results / "frontier_cpu_N32.json")
     info, runs = data["machine"], data["rows"]
     epsilons = sorted({run["epsilon"] for run in runs})
@@ -104,6 +106,10 @@ def plot_frontier(results: Path, out: Path) -> Path:
             robust = [run["PGD-20"] for run in group]
             colour, marker = colours[method], markers[method]
             axis.scatter(minutes, robust, s=30, marker=marker, facecolors="none", edgecolors=colour, linewidths=1)
+            strongest = [(run["cpu_minutes"], run.get("AutoAttack", run.get("APGD-CE+DLR"))) for run in group]
+            strongest = [point for point in strongest if point[1] is not None]
+            if strongest:
+                axis.scatter(*zip(*strongest, strict=True), s=40, marker="x", color=colour, linewidths=1)
             mean = statistics.fmean(robust)
             spread = max(robust) - min(robust)
             label = f"{method}: {mean:.1f}" + (
@@ -125,7 +131,8 @@ def plot_frontier(results: Path, out: Path) -> Path:
         axis.set_ylim(-3, 100)
         axis.set_title(
             f"PGD-20: CE loss, ε = {epsilon:g}, step ε/4, 1 random start, {info['test_images']:,} test images\n"
-            "hollow: each seed; filled: the mean, bar from min to max; dotted: the collapse line",
+            "hollow: each seed; filled: the mean, bar from min to max; dotted: the collapse line\n"
+            "×: AutoAttack (first seed) or APGD-CE+DLR (other seeds) on 1,000 of the test images",
             fontsize=8,
         )
         axis.grid(alpha=0.3)
