@@ -20,7 +20,8 @@ from freeadv_pl.evaluate_command import evaluate_command
 from freeadv_pl.export import exported_files
 from freeadv_pl.model_sources import module_from_fit_checkpoint
 from freeadv_pl.modules._checkpoint import imported_class, record_build_config
-from freeadv_pl.modules.base import ClassifierModule, check_trainer_for_manual_optimization
+from freeadv_pl.modules.base import ClassifierModule
+from freeadv_pl.modules.manual_optimization import check_trainer_for_manual_optimization
 from freeadv_pl.recipes import main as recipes_main
 from freeadv_pl.recipes import resolve_config_args
 

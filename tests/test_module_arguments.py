@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import quiet_trainer, tiny_cnn, tiny_dataset, tiny_loader
 from freeadv_pl import FreeAdversarialModule, NaturalModule, PGDAdversarialModule
-from freeadv_pl.modules.base import check_trainer_for_manual_optimization
+from freeadv_pl.modules.manual_optimization import check_trainer_for_manual_optimization
 
 
 @pytest.mark.parametrize(

@@ -56,7 +56,7 @@ def test_the_direct_step_equals_lightnings_step_exactly(make):
         module = make()
         trainer = quiet_trainer(max_epochs=2, callbacks=[observer] if observer else [])
         trainer.fit(module, tiny_loader())
-        assert module._direct_step is (observer is None)
+        assert module._steps.direct is (observer is None)
         runs.append((module, trainer, observer))
     (direct, direct_trainer, _), (through, through_trainer, observer) = runs
     assert direct_trainer.global_step == through_trainer.global_step == observer.calls > 0

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 from argparse import ArgumentError
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torch.optim import SGD, Optimizer
-from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.optim import Optimizer
 from torchmetrics.classification import MulticlassAccuracy
 
-from freeadv_pl._checks import check_choice, check_int, check_positive
-from freeadv_pl._lightning_compat import count_optimizer_step, resumes_after_last_batch, should_update_logs
+from freeadv_pl._checks import check_int, check_positive
+from freeadv_pl._lightning_compat import resumes_after_last_batch, should_update_logs
 from freeadv_pl._step_random import StepRandom
 from freeadv_pl.export import export_classifier
 from freeadv_pl.losses import CrossEntropy, TrainingLoss
@@ -29,19 +27,7 @@ from freeadv_pl.modules._checks import check_first_batch, take_from_data
 from freeadv_pl.modules._collapse_signals import AttackGain, GradientAlignment
 from freeadv_pl.modules._cuda_graph import float_learning_rates
 from freeadv_pl.modules._nonfinite import NonFiniteLosses
-from freeadv_pl.modules._step_path import direct_step_blocker
-
-
-def default_optimizer(params: Iterable[Any]) -> Optimizer:
-    """SGD with the paper's CIFAR settings: lr 0.1, momentum 0.9, weight decay 2e-4; fused (one kernel per step, and
-    steppable inside a CUDA graph) when every parameter is on a CUDA device."""
-    params = list(params)
-    tensors = [p for p in params if isinstance(p, Tensor)]
-    fused = _SGD_FUSES and bool(tensors) and all(p.is_cuda for p in tensors)
-    return SGD(params, lr=0.1, momentum=0.9, weight_decay=2e-4, **({"fused": True} if fused else {}))
-
-
-_SGD_FUSES = "fused" in inspect.signature(SGD).parameters  # torch >= 2.3
+from freeadv_pl.modules.manual_optimization import OptimizerSteps, default_optimizer
 
 
 class ClassifierModule(LightningModule):
@@ -117,7 +103,7 @@ class ClassifierModule(LightningModule):
         self.model = backbone if self.pretrained_statistics else InputNormalization(backbone, mean, std)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        self.lr_scheduler_interval = check_choice(lr_scheduler_interval, "lr_scheduler_interval", ("step", "epoch"))
+        self._steps = OptimizerSteps(lr_scheduler_interval)
         self.channels_last = channels_last
         self.compile_model = compile
         self.gradient_clip_norm = (
@@ -133,9 +119,6 @@ class ClassifierModule(LightningModule):
         self.input_shape: tuple[int, ...] | None = None  # one image's, from the first batch (saved in checkpoints)
         self._compiled = False
         self._training_logged = False
-        self._direct_step = False  # decided at the start of fit (direct_step_blocker)
-        self._step_optimizer: Any = None  # the LightningOptimizer of this fit
-        self._lr_scheduler: Any = None  # and its LR scheduler (None without one)
         self._epoch_to_finish = False  # resumed from a checkpoint written after an epoch's last batch
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
 
@@ -180,27 +163,13 @@ class ClassifierModule(LightningModule):
         return self._nonfinite.policy
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        if isinstance(scheduler, ReduceLROnPlateau):
-            raise ValueError(  # noqa: TRY004  (a valid scheduler type, unsupported here: a value error for users)
-                "lr_scheduler=ReduceLROnPlateau is not supported: the module steps its scheduler itself, without a "
-                "metric. Use a step- or epoch-indexed schedule such as MultiStepLR or OneCycleLR."
-            )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval},
-        }
+        return self._steps.configure(self.optimizer_factory, self.lr_scheduler_factory, self.parameters())
 
     def on_train_start(self) -> None:
         self._training_logged = False
         self._nonfinite.start(self.trainer)
         self._random.start()
-        self._step_optimizer = self.optimizers()
-        self._lr_scheduler = self.lr_schedulers()
-        self._direct_step = direct_step_blocker(self.trainer, self, ClassifierModule) is None
+        self._steps.start(self, ClassifierModule)
         if self._epoch_to_finish:  # resumed after an epoch's last batch: Lightning skips that epoch's end
             self._epoch_to_finish = False
             self.finish_epoch()
@@ -255,7 +224,6 @@ class ClassifierModule(LightningModule):
     ) -> tuple[Tensor, Tensor]:
         """:meth:`fit_step` without its host-side bookkeeping (the step count, the scheduler): what a CUDA graph
         captures."""
-        optimizer = self._step_optimizer or self.optimizers()
         clean_logits = self(clean) if clean is not None and self.training_loss.needs_clean else None
         logits = self(inputs)
         if logits.shape[-1] != self.num_classes:
@@ -264,23 +232,13 @@ class ClassifierModule(LightningModule):
                 "backbone's num_classes to the dataset's number of classes."
             )
         loss = self.training_loss(logits, y, clean_logits) if loss_fn is None else loss_fn(logits, y)
-        optimizer.zero_grad()
-        if self._direct_step:
-            loss.backward()
-            self.on_before_optimizer_step(optimizer.optimizer)
-            optimizer.optimizer.step()
-        else:
-            self.manual_backward(loss)
-            optimizer.step()
+        self._steps.step(self, loss)
         return loss, logits
 
     def _after_optimizer_step(self, finite: Tensor) -> None:
         """Keep the step's finiteness flag, advance ``trainer.global_step`` after a direct step, step the scheduler."""
         self._nonfinite.record(finite)
-        if self._direct_step:
-            count_optimizer_step(self._step_optimizer)
-        if self.lr_scheduler_interval == "step":
-            self._step_lr_scheduler()
+        self._steps.after_step()
 
     def on_train_epoch_end(self) -> None:
         self.finish_epoch()
@@ -304,8 +262,7 @@ class ClassifierModule(LightningModule):
 
     def finish_epoch(self) -> None:
         """What the end of a training epoch does to the training state: step an epoch-interval LR scheduler."""
-        if self.lr_scheduler_interval == "epoch":
-            self._step_lr_scheduler()
+        self._steps.end_epoch()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         write_identity(checkpoint, self, ClassifierModule)
@@ -358,10 +315,6 @@ class ClassifierModule(LightningModule):
         loop = checkpoint.get("loops", {}).get("fit_loop")
         self._epoch_to_finish = bool(loop) and resumes_after_last_batch(loop)
 
-    def _step_lr_scheduler(self) -> None:
-        if self._lr_scheduler is not None:
-            self._lr_scheduler.step()
-
     def log_training(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
         """Log the loss and accuracy of the last optimizer step (tensors: no host synchronisation) on the first
         training batch and on those whose metrics the Trainer writes (every ``trainer.log_every_n_steps``)."""
@@ -378,24 +331,3 @@ class ClassifierModule(LightningModule):
         self.log(f"{prefix}/loss", F.cross_entropy(logits, y), sync_dist=True)
         self.log(f"{prefix}/acc", accuracy, prog_bar=True)
 
-
-def check_trainer_for_manual_optimization(trainer: Trainer) -> None:
-    """Reject Trainer settings that manual optimization cannot honour, with the fix in the message.
-
-    Lightning raises too, later and in general terms; the CLI calls this before ``fit`` for a clearer answer.
-
-    Raises:
-        ValueError: if ``accumulate_grad_batches`` > 1 or ``gradient_clip_val`` is set.
-    """
-    if trainer.accumulate_grad_batches != 1:
-        raise ValueError(
-            f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} is not supported: freeadv_pl modules "
-            "use manual optimization and take one optimizer step per replay. Remove accumulate_grad_batches (or set "
-            "it to 1) and raise data.batch_size instead."
-        )
-    if trainer.gradient_clip_val is not None:
-        raise ValueError(
-            f"trainer.gradient_clip_val={trainer.gradient_clip_val} is not supported: freeadv_pl modules use manual "
-            "optimization, where Lightning does not clip gradients. Remove gradient_clip_val from the trainer and set "
-            f"the module's gradient_clip_norm={trainer.gradient_clip_val} instead (model.init_args.gradient_clip_norm)."
-        )
