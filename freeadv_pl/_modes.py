@@ -1,4 +1,4 @@
-"""Switching a model's train/eval mode for a while without losing per-submodule modes."""
+"""Switching a model's train/eval mode, or its parameters' ``requires_grad``, for a while, then giving each back."""
 
 from __future__ import annotations
 
@@ -22,3 +22,17 @@ def temporary_mode(model: nn.Module, training: bool) -> Iterator[None]:
     finally:
         for module, was_training in saved:
             module.training = was_training
+
+
+@contextmanager
+def no_parameter_gradients(model: nn.Module) -> Iterator[None]:
+    """The parameters of ``model`` need no gradient for a while (an attack's ``backward`` would accumulate one into
+    them); each gets its own ``requires_grad`` back."""
+    saved = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    for parameter, _ in saved:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, requires_grad in saved:
+            parameter.requires_grad_(requires_grad)

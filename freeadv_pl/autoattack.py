@@ -10,20 +10,15 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import importlib.util
-import re
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from freeadv_pl._autoattack_batch import AutoAttackResult, attack_batch, collapsed_flags, target_classes
 from freeadv_pl._checks import check_choice, check_int
-from freeadv_pl._modes import temporary_mode
-from freeadv_pl._official_autoattack import run_official
-from freeadv_pl._torchattacks_autoattack import run_torchattacks
 from freeadv_pl.threat_models import ThreatModel, check_radius, threat_model
 
 __all__ = ["AutoAttackResult", "AutoAttackSpec", "AutoAttackWarning"]
@@ -34,36 +29,10 @@ _PACKAGES = {
     "official": ("pyautoattack", "pyautoattack>=0.2,<0.3"),
     "torchattacks": ("torchattacks", "torchattacks>=3.5.1,<3.6"),
 }
-_MIN_CLASSES = {"standard": 4, "apgd": 3}  # APGD-T's targeted DLR loss reads the 4th-largest logit, DLR the 3rd
-_warned_targets: set[int] = set()
 
 
 class AutoAttackWarning(UserWarning):
     """A check of AutoAttack's failed on a batch: the message names the implementation, the attack and the check."""
-
-
-@dataclass(frozen=True)
-class AutoAttackResult:
-    """What one run of an :class:`AutoAttackSpec` found on a batch (:meth:`AutoAttackSpec.run`).
-
-    Attributes:
-        images: the adversarial images: for each example, the first verified adversarial example (projected onto
-            the ε-ball and [0, 1], then classified again), or the clean image when none was found or the example is
-            misclassified clean.
-        robust: per example, whether it is classified correctly clean and on ``images``.
-        stages: the number of examples left robust after each stage, in order: ``"clean"``, then each attack by
-            title (``"APGD-CE"``, ``"APGD-T"``, ``"FAB-T"``, ``"Square"``; ``"APGD-DLR"``), each counted by the
-            cascade itself (the official code's own log). A stage that the official code did not log is absent.
-        flags: ``(attack, message)`` for each check that failed: the attack it concerns (``"checks"`` for those the
-            official code runs before the first attack), the check's own words.
-        code: the code that ran, e.g. ``"pyautoattack 0.2.0"``.
-    """
-
-    images: Tensor
-    robust: Tensor
-    stages: dict[str, int]
-    flags: tuple[tuple[str, str], ...]
-    code: str
 
 
 @dataclass(frozen=True)
@@ -193,7 +162,7 @@ class AutoAttackSpec:
         code = f"the official code, {self.code}" if self.implementation == "official" else f"{self.code}'s port"
         if self.version == "apgd":
             return f"APGD-CE, then APGD-DLR ({code}; {radius}; {each}; each on what the earlier left)"
-        targets = _targets(num_classes)
+        targets = target_classes(num_classes)
         return (
             f"AutoAttack, standard version (Croce & Hein 2020; {code}): APGD-CE, APGD-T ({targets} target classes), "
             f"FAB-T ({targets} target classes), Square ({self.queries:,} queries); {radius}; {each}; each on what "
@@ -225,7 +194,7 @@ class AutoAttackSpec:
         """The adversarial images of :meth:`run`. Its flags are emitted as :class:`AutoAttackWarning` and kept in
         :attr:`flags`, one per attack and check (the official code repeats some for each target class)."""
         result = self.run(model, x, y, epsilon, generator)
-        flags = _collapsed(result.flags)
+        flags = collapsed_flags(result.flags)
         for attack, message in flags:
             warnings.warn(f"AutoAttack ({result.code}), {attack}: {message}", AutoAttackWarning, stacklevel=2)
         self.flags.extend(flags)
@@ -243,92 +212,7 @@ class AutoAttackSpec:
                 version, 3 for ``"apgd"``).
         """
         self.ensure_available()
-        threat = self.threat
-        epsilon = threat.radius(self.epsilon_for(epsilon), "epsilon")
-        home = x.device
-        device = next((p.device for p in model.parameters()), home)
-        draw_on = generator.device if generator is not None else None
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=draw_on))
-        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with (
-            temporary_mode(model, training=False),
-            _no_parameter_gradients(model),
-            torch.inference_mode(False),
-            torch.enable_grad(),
-            torch.random.fork_rng(devices=cuda),
-        ):
-            x, y = x.detach().to(device).clone(), y.detach().to(device).clone()
-            with torch.no_grad():
-                logits = model(x)
-            clean = logits.argmax(dim=1) == y
-            targets = self._targets_for(logits.shape[1])
-            if self.implementation == "official":
-                # torchattacks_norm: "Linf" or "L2", the official code's names too
-                found, stages, flags = run_official(
-                    model, x, y, clean=int(clean.sum()), norm=threat.torchattacks_norm, epsilon=epsilon, seed=seed,
-                    version=self.version, steps=self.steps, queries=self.queries, restarts=self.restarts,
-                    targets=targets, verbose=self.verbose,
-                )  # fmt: skip
-            else:
-                found, stages, flags = run_torchattacks(
-                    model, x, y, clean, threat=threat, epsilon=epsilon, seed=seed, version=self.version,
-                    steps=self.steps, queries=self.queries, restarts=self.restarts, targets=targets,
-                    verbose=self.verbose,
-                )  # fmt: skip
-            candidate = threat.project_images(found.to(device, x.dtype), x, epsilon)  # verified in the ball, [0, 1]
-            with torch.no_grad():
-                broken = clean & (model(candidate).argmax(dim=1) != y)
-            images = torch.where(broken.view(-1, *[1] * (x.dim() - 1)), candidate, x).detach()
-        return AutoAttackResult(images.to(home), (clean & ~broken).to(home), stages, tuple(flags), self.code)
-
-    def _targets_for(self, num_classes: int) -> int:
-        """APGD-T's and FAB-T's number of target classes, once the classes are checked (warned about below 10)."""
-        needed = _MIN_CLASSES[self.version]
-        if num_classes < needed:
-            raise ValueError(
-                f"{self.title} needs a model with at least {needed} classes (its DLR loss divides by a gap between "
-                f"sorted logits), got {num_classes}: evaluate with PGD and CW instead, e.g. test_attacks='pgd20' or "
-                "a list of AttackSpec(loss='cw')."
-            )
-        if self.version == "standard" and num_classes < 10 and num_classes not in _warned_targets:
-            _warned_targets.add(num_classes)
-            warnings.warn(
-                f"AutoAttack: the model has {num_classes} classes, so APGD-T and FAB-T target the {num_classes - 1} "
-                "other classes (the standard version's 9 need 10 classes).",
-                stacklevel=4,
-            )
-        return _targets(num_classes)
-
-
-def _targets(num_classes: int) -> int:
-    """APGD-T's and FAB-T's number of target classes for a model with ``num_classes`` classes."""
-    return min(num_classes, 10) - 1
-
-
-def _collapsed(flags: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
-    """One flag per attack and check: the first message of those that differ only in their numbers, with how many
-    more there were."""
-    alike: dict[tuple[str, str], list[str]] = {}
-    for attack, message in flags:
-        alike.setdefault((attack, re.sub(r"\d+(?:\.\d+)?", "#", message)), []).append(message)
-    return [
-        (attack, messages[0] + (f" ({len(messages) - 1} more like it)" if len(messages) > 1 else ""))
-        for (attack, _), messages in alike.items()
-    ]
-
-
-@contextmanager
-def _no_parameter_gradients(model: nn.Module) -> Iterator[None]:
-    """The parameters of ``model`` need no gradient for a while (FAB's ``backward`` would accumulate one into them);
-    each gets its own ``requires_grad`` back."""
-    saved = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
-    for parameter, _ in saved:
-        parameter.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for parameter, requires_grad in saved:
-            parameter.requires_grad_(requires_grad)
+        return attack_batch(self, model, x, y, self.threat.radius(self.epsilon_for(epsilon), "epsilon"), generator)
 
 
 def take_autoattack_flags(suite: Any) -> list[dict[str, str]]:

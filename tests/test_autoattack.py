@@ -344,7 +344,7 @@ def test_the_l2_spec_builds_torchattacks_l2_attacks():
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_fewer_than_ten_classes_take_the_other_classes_as_targets(implementation, monkeypatch):
-    monkeypatch.setattr(freeadv_pl.autoattack, "_warned_targets", set())
+    monkeypatch.setattr(freeadv_pl._autoattack_batch, "_warned_targets", set())
     model, (x, y) = tiny_cnn(5), tiny_dataset(8, num_classes=5).tensors
     with pytest.warns(UserWarning, match="APGD-T and FAB-T target the 4 other classes"):
         AutoAttackSpec(steps=3, queries=10, implementation=implementation)(model, x, y, EPSILON)

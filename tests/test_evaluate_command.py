@@ -17,16 +17,10 @@ from dataset_files import write_fashion_mnist
 from torch.utils.data import DataLoader, Subset
 
 from freeadv_pl import AttackSpec, FashionMNISTDataModule, NaturalModule, robust_accuracy
+from freeadv_pl._evaluate_parser import evaluate_parser, inline_data_configs
+from freeadv_pl._sharded_counts import count_shard, subset_batches, summed_counts
 from freeadv_pl.cli import SUBCOMMANDS, build_cli, main
-from freeadv_pl.evaluate_command import (
-    _count_shard,
-    _inline_data_configs,
-    _parser,
-    _subset_batches,
-    _summed_counts,
-    attack_columns,
-    evaluate_command,
-)
+from freeadv_pl.evaluate_command import attack_columns, evaluate_command
 from freeadv_pl.model_sources import load_model
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "fashion_mnist"
@@ -238,11 +232,11 @@ def test_a_model_that_gives_probabilities_is_warned_in_the_table_and_the_report(
 def test_the_processes_of_a_torchrun_share_the_batches_and_sum_exact_counts(bands):
     datamodule = bands.Bands(23)
     datamodule.setup("test")
-    suite, batches = attack_columns("pgd5"), _subset_batches(23, None, 4, seed=0)
+    suite, batches = attack_columns("pgd5"), subset_batches(23, None, 4, seed=0)
     model = bands.linear()
 
     def counts(rank: int, world_size: int) -> dict[str, int]:
-        return _count_shard(model, datamodule.test_set, batches, suite, EPSILON, rank=rank, world_size=world_size)
+        return count_shard(model, datamodule.test_set, batches, suite, EPSILON, rank=rank, world_size=world_size)
 
     one = counts(0, 1)
     shards = [counts(rank, 2) for rank in (0, 1)]
@@ -252,10 +246,10 @@ def test_the_processes_of_a_torchrun_share_the_batches_and_sum_exact_counts(band
 
 def test_summed_counts_are_exact_under_a_process_group(tmp_path):
     counts = {"natural": 7, "pgd5": 3, "worst": 3, "examples": 2**40 + 1}
-    assert _summed_counts(counts) == counts, "without a process group"
+    assert summed_counts(counts) == counts, "without a process group"
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        assert _summed_counts(counts) == counts, "integers, not floats: 2**40 + 1 stays exact"
+        assert summed_counts(counts) == counts, "integers, not floats: 2**40 + 1 stays exact"
     finally:
         dist.destroy_process_group()
 
@@ -276,25 +270,25 @@ def test_attack_names_join_presets_and_single_attacks():
 
 
 def test_subsets_are_seeded_or_the_first_images():
-    assert _subset_batches(10, 5, 2, seed=0, first=True) == [[0, 1], [2, 3], [4]]
-    seeded = _subset_batches(10, 5, 2, seed=0)
+    assert subset_batches(10, 5, 2, seed=0, first=True) == [[0, 1], [2, 3], [4]]
+    seeded = subset_batches(10, 5, 2, seed=0)
     assert [index for batch in seeded for index in batch] == sorted(
         torch.randperm(10, generator=torch.Generator().manual_seed(0))[:5].tolist()
     )
-    assert _subset_batches(3, 100, 2, seed=0) == [[0, 1], [2]], "at most the split"
+    assert subset_batches(3, 100, 2, seed=0) == [[0, 1], [2]], "at most the split"
 
 
 def test_data_is_given_as_in_fit(fit_run):
     checkpoint = fit_run[0]
-    parser = _parser()
+    parser = evaluate_parser()
     model = ["--model", "x", "--epsilon", "0.1"]
     config = checkpoint.parent.parent / "config.yaml"
     for source in ("fashion_mnist/natural.yaml", "configs/fashion_mnist/common/data.yaml", str(config)):
-        options = parser.parse_args(_inline_data_configs([*model, "--data", source, "--data.init_args.data_dir", "d"]))
+        options = parser.parse_args(inline_data_configs([*model, "--data", source, "--data.init_args.data_dir", "d"]))
         datamodule = parser.instantiate(options).data
         assert type(datamodule) is FashionMNISTDataModule and datamodule.data_dir == Path("d"), source
     with pytest.raises(FileNotFoundError, match="--data fashion_mnist/nope.yaml: no such file.*freeadv_pl recipes"):
-        _inline_data_configs(["--data", "fashion_mnist/nope.yaml"])
+        inline_data_configs(["--data", "fashion_mnist/nope.yaml"])
 
 
 def test_evaluate_is_a_subcommand_of_the_console_script(capsys):

@@ -5,12 +5,12 @@ images, their per-channel statistics and the dataset that reads them (used by
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
-from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -132,29 +132,31 @@ def different_sizes(path: str, size: tuple[int, int], other: str, other_size: tu
     )
 
 
-def channel_statistics(images: Iterable[Tensor]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and standard deviation over every pixel of ``images`` (each C×H×W, of any size), the
-    standard deviation of the whole population (no Bessel correction), as the model's input normalization uses them.
+def held_out_split(
+    samples: list[tuple[str, int]], fraction: float, seed: int, where: Path, owner: str
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """``(train, test)``: ``fraction`` of ``samples`` (the images of ``where``, at least one) drawn with ``seed`` as the
+    test split, both in their order in ``samples``; one log line says so (``owner``: the DataModule's name).
 
     Raises:
-        ValueError: if ``images`` is empty.
-
-    Example:
-        >>> channel_statistics([torch.tensor([[[0.0, 1.0]]]), torch.tensor([[[1.0, 0.0]]])])
-        ((0.5,), (0.5,))
+        ValueError: when no training image would be left.
     """
-    total = squares = None
-    count = 0
-    for image in images:
-        pixels = image.to(torch.float64).flatten(1)
-        total = pixels.sum(1) if total is None else total + pixels.sum(1)
-        squares = pixels.square().sum(1) if squares is None else squares + pixels.square().sum(1)
-        count += pixels.shape[1]
-    if total is None or squares is None:
-        raise ValueError("channel_statistics needs at least one image")
-    mean = total / count
-    std = (squares / count - mean.square()).clamp_min(0).sqrt()
-    return tuple(mean.tolist()), tuple(std.tolist())
+    count = max(1, round(fraction * len(samples)))
+    if count >= len(samples):
+        raise ValueError(
+            f"test_fraction={fraction} of the {len(samples)} images of {where} leaves no training image: lower "
+            "test_fraction, or add a test/ folder of class folders"
+        )
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+    held_out = set(order[:count])
+    rank_zero_info(
+        f"{owner}: {where.parent} has no test or val folder, so {count} of the {len(samples)} images of train/ "
+        f"(test_fraction={fraction}, seed {seed}) are the test split."
+    )
+    return (
+        [sample for index, sample in enumerate(samples) if index not in held_out],
+        [samples[index] for index in sorted(held_out)],
+    )
 
 
 class ImageFiles(Dataset):

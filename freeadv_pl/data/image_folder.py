@@ -7,19 +7,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-from lightning.pytorch.utilities import rank_zero_info
-from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
-from freeadv_pl._checks import check_choice, check_int, check_positive
+from freeadv_pl._checks import check_choice, check_int
 from freeadv_pl.data._folder_files import (
     ImageFiles,
-    channel_statistics,
     check_image_folder_layout,
-    different_sizes,
+    held_out_split,
     image_files,
+)
+from freeadv_pl.data._folder_transforms import crop_padding, folder_eval_transform, folder_train_transform
+from freeadv_pl.data._image_sample import (
+    detected_channels,
+    given_statistics,
+    image_headers,
+    sample_statistics,
+    seeded_sample,
+    stored_size,
 )
 from freeadv_pl.data.augmentation import RandomCropFlip
 from freeadv_pl.data.base import Transform, VisionDataModule
@@ -27,7 +31,6 @@ from freeadv_pl.data.base import Transform, VisionDataModule
 _TEST_FOLDERS = ("test", "val")
 """The folders looked for, in this order, as the test split when ``test_split`` is None."""
 AUGMENTATIONS = ("crop_flip", "resized_crop_flip", "none")
-_GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
 
 class ImageFolderDataModule(VisionDataModule):
@@ -87,6 +90,7 @@ class ImageFolderDataModule(VisionDataModule):
 
     Example:
         >>> import tempfile
+        >>> from PIL import Image
         >>> folder = tempfile.TemporaryDirectory()
         >>> for split in ("train", "test"):
         ...     for name in ("cat", "dog"):
@@ -142,7 +146,7 @@ class ImageFolderDataModule(VisionDataModule):
         if channels not in (None, 1, 3):
             raise ValueError(f"channels must be 1 (grayscale), 3 (RGB) or None (detected), got {channels!r}")
         self._channels = channels
-        self._mean, self._std = _given_statistics(mean, std, channels)
+        self._mean, self._std = given_statistics(mean, std, channels)
         self.stats_samples = check_int(stats_samples, "stats_samples", minimum=1)
         self._num_classes = None if num_classes is None else check_int(num_classes, "num_classes", minimum=2)
         if test_split is not None and (not isinstance(test_split, str) or test_split in ("", "train")):
@@ -202,7 +206,7 @@ class ImageFolderDataModule(VisionDataModule):
         """The seeded sample of training images (at most ``stats_samples``) read for the statistics, the size and the
         channels, in the order of ``train/``."""
         if self._stats_files is None:
-            self._stats_files = _seeded_sample(self._split_samples(train=True), self.stats_samples, self.seed)
+            self._stats_files = seeded_sample(self._split_samples(train=True), self.stats_samples, self.seed)
         return self._stats_files
 
     def setup(self, stage: str) -> None:
@@ -219,7 +223,7 @@ class ImageFolderDataModule(VisionDataModule):
                 f"give {self.image_shape[0]} of each, or set channels={len(self._mean)} to convert the images"
             )
         if self._batch_augmentation is not None:
-            self._batch_augmentation.padding = self._padding()
+            self._batch_augmentation.padding = crop_padding(self.image_shape[1:])
         super().setup(stage)
 
     def load_split(self, train: bool) -> Dataset:
@@ -230,41 +234,16 @@ class ImageFolderDataModule(VisionDataModule):
         )
 
     def train_transform(self) -> Transform:
-        if self.augment == "resized_crop_flip":
-            return v2.Compose(
-                [
-                    v2.RandomResizedCrop(self.image_shape[1:]),
-                    v2.RandomHorizontalFlip(),
-                    v2.ToImage(),
-                    v2.ToDtype(torch.float32, scale=True),
-                ]
-            )
-        if self.augment == "none" or self.return_index:  # crop_flip with return_index: on the batch's device
+        if self.augment == "crop_flip" and self.return_index:  # the crop and flip run on the batch's device
             return self.eval_transform()
-        return v2.Compose(
-            [
-                *self._resize_and_crop(),
-                v2.ToImage(),
-                v2.RandomCrop(self.image_shape[1:], padding=self._padding()),
-                v2.RandomHorizontalFlip(),
-                v2.ToDtype(torch.float32, scale=True),
-            ]
-        )
+        return folder_train_transform(self.augment, self.image_shape[1:], self.image_size, self.resize_size)
 
     def eval_transform(self) -> Transform:
-        return v2.Compose([*self._resize_and_crop(), v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+        return folder_eval_transform(self.image_size, self.resize_size)
 
     def batch_augmentation(self) -> RandomCropFlip | None:
         # The padding depends on the image size, which may be read from the images: set in setup.
         return RandomCropFlip(padding=0) if self.augment == "crop_flip" else None
-
-    def _resize_and_crop(self) -> list[Transform]:
-        if self.image_size is None:
-            return []
-        return [v2.Resize(self.resize_size), v2.CenterCrop(self.image_size)]
-
-    def _padding(self) -> int:
-        return max(1, min(self.image_shape[1:]) // 8)
 
     @property
     def _layout(self) -> str:
@@ -298,23 +277,9 @@ class ImageFolderDataModule(VisionDataModule):
         if folder is not None:
             return self._listed("train" if train else folder)
         if self._held_out is None:
-            samples = self._listed("train")
-            count = max(1, round(self.test_fraction * len(samples)))
-            if count >= len(samples):
-                raise ValueError(
-                    f"test_fraction={self.test_fraction} of the {len(samples)} images of {self.data_dir / 'train'} "
-                    "leaves no training image: lower test_fraction, or add a test/ folder of class folders"
-                )
-            order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(self.seed)).tolist()
-            held_out = set(order[:count])
-            self._held_out = (
-                [sample for index, sample in enumerate(samples) if index not in held_out],
-                [samples[index] for index in sorted(held_out)],
-            )
-            rank_zero_info(
-                f"{type(self).__name__}: {self.data_dir} has no {' or '.join(_TEST_FOLDERS)} folder, so {count} of "
-                f"the {len(samples)} images of train/ (test_fraction={self.test_fraction}, seed {self.seed}) are the "
-                "test split."
+            train_dir = self.data_dir / "train"
+            self._held_out = held_out_split(
+                self._listed("train"), self.test_fraction, self.seed, train_dir, type(self).__name__
             )
         return self._held_out[0] if train else self._held_out[1]
 
@@ -325,66 +290,21 @@ class ImageFolderDataModule(VisionDataModule):
             folder = self._test_folder()
             if folder is not None:
                 self._check_layout(["train", folder])
-            test_files = _seeded_sample(self._split_samples(train=False), self.stats_samples, self.seed)
-            headers = []
-            for path in self.stats_files + test_files:
-                with Image.open(path) as image:
-                    headers.append((path, image.size, image.mode))
-            self._headers = headers
+            test_files = seeded_sample(self._split_samples(train=False), self.stats_samples, self.seed)
+            self._headers = image_headers(self.stats_files + test_files)
         return self._headers
 
     def _stored_size(self) -> tuple[int, int]:
-        headers = self._read_headers()
-        path, size, _ = headers[0]
-        different = next((header for header in headers if header[1] != size), None)
-        if different is not None:
-            raise ValueError(different_sizes(different[0], different[1], f"{path} is", size))
-        return size
+        return stored_size(self._read_headers())
 
     def _detected_channels(self) -> int:
-        return 1 if all(mode in _GRAYSCALE_MODES for _, _, mode in self._read_headers()) else 3
+        return detected_channels(self._read_headers())
 
     def _statistics(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         if self._computed is None:
             mode = "L" if self.image_shape[0] == 1 else "RGB"
             size = None if self.image_size is not None else self._stored_size()
             images = ImageFiles([(path, 0) for path in self.stats_files], mode, size)
-            transform = self.eval_transform()
-            mean, std = channel_statistics(transform(images[index][0]) for index in range(len(images)))
-            if min(std) == 0:
-                raise ValueError(
-                    f"the {len(images)} sampled images of {self.data_dir / 'train'} are constant in a channel (std "
-                    f"{std}), which input normalization would divide by: give mean=... and std=... (e.g. std=1.0 "
-                    "per channel)"
-                )
-            self._computed = mean, std
-            rank_zero_info(
-                f"{type(self).__name__}: mean={[round(v, 4) for v in mean]}, std={[round(v, 4) for v in std]} from "
-                f"{len(images)} training images of {self.data_dir / 'train'} (seed {self.seed}); give mean and std "
-                "to skip this."
-            )
+            where = f"training images of {self.data_dir / 'train'} (seed {self.seed})"
+            self._computed = sample_statistics(images, self.eval_transform(), where, type(self).__name__)
         return self._computed
-
-
-def _seeded_sample(samples: list[tuple[str, int]], count: int, seed: int) -> list[str]:
-    """The paths of ``count`` of ``samples`` (all if fewer) drawn with ``seed``, in their order in ``samples``."""
-    chosen = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))[:count]
-    return [samples[index][0] for index in sorted(chosen.tolist())]
-
-
-def _given_statistics(
-    mean: Sequence[float] | None, std: Sequence[float] | None, channels: int | None
-) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
-    if (mean is None) != (std is None):
-        raise ValueError(
-            f"mean and std are given together or not at all (then both are computed from the images), got "
-            f"mean={mean!r} and std={std!r}"
-        )
-    if mean is None or std is None:
-        return None, None
-    mean = tuple(float(value) for value in mean)
-    std = tuple(check_positive(float(value), "each std") for value in std)
-    if len(mean) != len(std) or len(mean) not in (1, 3) or (channels is not None and len(mean) != channels):
-        wanted = f"{channels} values each (channels={channels})" if channels is not None else "1 or 3 values each"
-        raise ValueError(f"mean and std must have {wanted}, got {len(mean)} and {len(std)} values")
-    return mean, std

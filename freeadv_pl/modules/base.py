@@ -330,4 +330,3 @@ class ClassifierModule(LightningModule):
         accuracy.update(logits, y)
         self.log(f"{prefix}/loss", F.cross_entropy(logits, y), sync_dist=True)
         self.log(f"{prefix}/acc", accuracy, prog_bar=True)
-
