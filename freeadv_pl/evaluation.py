@@ -73,8 +73,10 @@ class EvaluationAttack(Protocol):
 
     Optional: ``perturbs = False`` for a column that returns the images unchanged (it then needs no ε); ``norm``
     (``"linf"`` or ``"l2"`` once resolved) to have the evaluation's ε checked against your attack's norm before it
-    runs (otherwise against the evaluation's). An example counts under ``worst`` only if every column leaves it
-    correct.
+    runs (otherwise against the evaluation's); a ``model_mode="eval" | "train"`` keyword of ``__call__``, which
+    :class:`~freeadv_pl.CatastrophicOverfittingGuard`'s ``model_mode="train"`` needs. An example counts under
+    ``worst`` only if every column leaves it correct. The guard and :class:`~freeadv_pl.AdversarialExamplesLogger`
+    take such an attack as their ``attack``.
 
     Example:
         The best of a few random points of the ball, a weak baseline, as a column:

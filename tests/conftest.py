@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 import os
@@ -171,3 +172,34 @@ def lightning_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     logger.addHandler(caplog.handler)
     yield caplog
     logger.removeHandler(caplog.handler)
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchattacksPGD:
+    """torchattacks' L∞ PGD (step ε/4, no random start) as a user's own attack: an ``EvaluationAttack`` that is no
+    spec of ours and takes no ``model_mode``, for the callbacks that take any attack."""
+
+    steps: int = 5
+    epsilon: float | None = None
+    norm: str = "linf"
+
+    @property
+    def key(self) -> str:
+        return f"torchattacks_pgd{self.steps}"
+
+    @property
+    def title(self) -> str:
+        return f"torchattacks PGD-{self.steps}"
+
+    def describe(self, epsilon: float, num_classes: int = 10) -> str:
+        return f"torchattacks' PGD-{self.steps} (L∞ ε = {epsilon:g}, step ε/4, no random start)"
+
+    def resolved(self, norm: str) -> TorchattacksPGD:
+        return self
+
+    def __call__(self, model, x, y, epsilon, generator=None):
+        import torchattacks
+
+        with torch.inference_mode(False), torch.enable_grad():
+            attack = torchattacks.PGD(model, eps=epsilon, alpha=epsilon / 4, steps=self.steps, random_start=False)
+            return attack(x.clone(), y.clone())

@@ -11,11 +11,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torchattacks
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import banded_dataset, quiet_trainer, tiny_cnn
+from conftest import TorchattacksPGD, banded_dataset, quiet_trainer, tiny_cnn
 from freeadv_pl import AdversarialExamplesLogger, AttackSpec, FreeAdversarialModule, NaturalModule
 from freeadv_pl.cli import FreeAdvCLI
 from freeadv_pl.data.base import VisionDataModule
@@ -106,6 +107,15 @@ def test_the_attack_runs_in_the_modules_norm_unless_given_its_own(tmp_path, norm
         assert linf.max() <= 0.05 + 1e-6 and l2.max() > 0.05
 
 
+def test_an_attack_of_ones_own_draws_what_it_returns(tmp_path):
+    callback = AdversarialExamplesLogger(num_images=4, attack=TorchattacksPGD(steps=3))
+    module, _ = fit_with_logger(tmp_path, callback, epochs=1, default_root_dir=tmp_path)
+    examples = callback.last_examples
+    attack = torchattacks.PGD(module.model.eval(), eps=EPSILON, alpha=EPSILON / 4, steps=3, random_start=False)
+    torch.testing.assert_close(examples["adversarial"], attack(examples["clean"], examples["labels"]), rtol=0, atol=0)
+    assert callback.last_path.is_file()
+
+
 def test_trainer_validate_draws_too_under_inference_mode(tmp_path):
     callback = AdversarialExamplesLogger(num_images=3, epsilon=EPSILON, class_names=["top", "middle", "bottom"])
     module = NaturalModule(tiny_cnn(), 3)  # no epsilon of its own: the callback's is used
@@ -177,7 +187,7 @@ def test_the_docstring_yaml_configures_it_through_the_cli(tmp_path):
         pytest.param({"num_images": 0}, ValueError, "num_images must be an integer ≥ 1, got 0", id="images"),
         pytest.param({"num_images": 2.5}, TypeError, "num_images must be an integer ≥ 1, got 2.5", id="float"),
         pytest.param({"attack": AttackSpec(steps=0)}, ValueError, "steps ≥ 1.*AttackSpec\\(steps=20\\)", id="natural"),
-        pytest.param({"attack": "pgd20"}, TypeError, "attack must be a freeadv_pl.AttackSpec", id="attack-type"),
+        pytest.param({"attack": "pgd20"}, TypeError, "attack must be an attack such as.*lacks key", id="attack-type"),
         pytest.param({"epsilon": 8, "norm": "linf"}, ValueError, "epsilon must lie in \\[0, 1\\]", id="epsilon"),
         pytest.param({"epsilon": -1}, ValueError, "epsilon must lie in \\[0, 1\\].*norm='l2'.*≥ 0", id="epsilon<0"),
         pytest.param({"epsilon": float("inf"), "norm": "l2"}, ValueError, "finite number ≥ 0.*got inf", id="eps-inf"),

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchattacks
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from conftest import banded_dataset, quiet_trainer, tiny_cnn
+from conftest import TorchattacksPGD, banded_dataset, quiet_trainer, tiny_cnn
 from freeadv_pl import (
     AttackSpec,
     CatastrophicOverfittingGuard,
@@ -194,9 +195,33 @@ def test_bad_arguments_name_the_fix(kwargs, match):
         CatastrophicOverfittingGuard(**kwargs)
 
 
-def test_the_attack_must_be_an_attack_spec():
-    with pytest.raises(TypeError, match=r"attack must be a freeadv_pl.AttackSpec such as AttackSpec\(steps=5\)"):
+def test_an_object_that_is_no_attack_is_refused_by_its_missing_members():
+    with pytest.raises(TypeError, match=r"attack must be an attack such as AttackSpec\(steps=5\).*EvaluationAttack.*"
+                       r"got str, which lacks key, epsilon, describe, resolved, __call__"):  # fmt: skip
         CatastrophicOverfittingGuard(attack="pgd5")
+
+
+def test_the_guard_watches_an_attack_of_ones_own_as_torchattacks_scores_it(lightning_log):
+    module, recorder = _collapsing_module(), _Recorder()
+    guard = CatastrophicOverfittingGuard(TorchattacksPGD(steps=5), epsilon=0.01, threshold=0.2)
+    _fit(module, guard, recorder)
+    assert guard.fired_epoch == COLLAPSE_EPOCH
+    assert "torchattacks PGD-5 accuracy (torchattacks' PGD-5 (L∞ ε = 0.01" in lightning_log.text
+    x, y = banded_dataset(1024)[:128]  # the first training batch, which the guard attacks every epoch
+    for epoch in (0, COLLAPSE_EPOCH):
+        reference = tiny_cnn()
+        reference.load_state_dict({k.removeprefix("model.backbone."): v for k, v in recorder.weights[epoch].items()})
+        attack = torchattacks.PGD(reference.eval(), eps=0.01, alpha=0.0025, steps=5, random_start=False)
+        x_adv = attack(x, y)
+        with torch.no_grad():
+            expected = (reference(x_adv).argmax(dim=1) == y).float().mean().item()
+        assert guard.history[epoch] == pytest.approx(expected, abs=1e-6), f"epoch {epoch}"
+
+
+def test_training_mode_needs_an_attack_that_takes_model_mode():
+    with pytest.raises(ValueError, match="model_mode='train' needs an attack.*TorchattacksPGD takes no model_mode"):
+        CatastrophicOverfittingGuard(TorchattacksPGD(), model_mode="train")
+    CatastrophicOverfittingGuard(AttackSpec(steps=5), model_mode="train")  # AttackSpec takes it
 
 
 class _ScriptedAlignment(FastAdversarialModule):

@@ -3,14 +3,14 @@ when to run and counts summed over the processes."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from freeadv_pl._suite import checked_epsilon, needs_epsilon
-from freeadv_pl.attack_spec import AttackSpec
+from freeadv_pl._suite import checked_epsilon, missing_members, needs_epsilon
 from freeadv_pl.evaluation import SuiteAttack
 from freeadv_pl.threat_models import ThreatModel, check_radius, threat_model
 
@@ -59,22 +59,46 @@ def epsilon(
         ) from None
 
 
-def resolved_attack(attack: AttackSpec, threat: ThreatModel, callback: Callback) -> AttackSpec:
+def resolved_attack(attack: SuiteAttack, threat: ThreatModel, callback: Callback) -> SuiteAttack:
     """``attack`` in ``threat`` (unless it names its own norm), its ε and step size checked against it, the message
     naming the callback."""
     try:
-        return attack.resolved(threat)
+        return attack.resolved(threat.norm)
     except ValueError as error:
         raise ValueError(f"{type(callback).__name__}'s attack in the {threat.symbol} threat model: {error}") from None
 
 
-def perturbing(attack: Any, purpose: str, example: str) -> AttackSpec:
-    """``attack`` if it is an :class:`AttackSpec` with steps ≥ 1; ``purpose`` says what steps=0 would defeat."""
-    if not isinstance(attack, AttackSpec):
-        raise TypeError(f"attack must be a freeadv_pl.AttackSpec such as {example}, got {type(attack).__name__}")
-    if attack.steps < 1:
-        raise ValueError(f"attack must have steps ≥ 1: with steps=0 there is {purpose}. Use e.g. {example}.")
+def perturbing(attack: Any, purpose: str, example: str) -> SuiteAttack:
+    """``attack`` if it is an attack of the :class:`~freeadv_pl.EvaluationAttack` protocol (an ``AttackSpec``, an
+    ``AutoAttackSpec`` or one of the user's) that perturbs the images; ``purpose`` says what natural accuracy
+    (``perturbs`` False: ``AttackSpec(steps=0)``) would defeat."""
+    if missing := missing_members(attack):
+        raise TypeError(
+            f"attack must be an attack such as {example}: a freeadv_pl.AttackSpec, AutoAttackSpec or an attack of "
+            f"your own with the members of freeadv_pl.EvaluationAttack; got {type(attack).__name__}, which lacks "
+            f"{', '.join(missing)}"
+        )
+    if not getattr(attack, "perturbs", True):
+        raise ValueError(
+            f"attack must perturb the images (an AttackSpec with steps ≥ 1): with natural accuracy there is {purpose}. "
+            f"Use e.g. {example}."
+        )
     return attack
+
+
+def takes_model_mode(attack: Any) -> bool:
+    """Whether calling ``attack`` accepts ``model_mode="eval" | "train"`` (``AttackSpec`` does; the optional member of
+    :class:`~freeadv_pl.EvaluationAttack` that runs the attack with the model in training mode)."""
+    try:
+        parameters = inspect.signature(attack).parameters
+    except (TypeError, ValueError):
+        return False
+    return "model_mode" in parameters
+
+
+def own_epsilon(attack: Any, default: float) -> float:
+    """The radius ``attack`` runs at: its own ``epsilon`` (a number or a string like ``"8/255"``), else ``default``."""
+    return default if attack.epsilon is None else check_radius(attack.epsilon, "epsilon", getattr(attack, "norm", None))
 
 
 def first_loader(trainer: Trainer, stage: str) -> Any:

@@ -21,6 +21,7 @@ from freeadv_pl._checks import check_int
 from freeadv_pl._modes import temporary_mode
 from freeadv_pl.attack_spec import AttackSpec
 from freeadv_pl.callbacks import _shared
+from freeadv_pl.evaluation import SuiteAttack
 from freeadv_pl.threat_models import threat_model
 
 _MIN_TILE = 64  # images are enlarged by a whole factor to at least this many pixels, so that they can be seen
@@ -52,8 +53,9 @@ class AdversarialExamplesLogger(Callback):
     Args:
         every_n_epochs: log at the end of every n-th validation epoch of ``fit``.
         num_images: how many validation images (the first ones of the dataset) to show.
-        attack: the attack (:class:`~freeadv_pl.AttackSpec` with ``steps`` ≥ 1); None: PGD-20 with step ε/4 and a
-            random start.
+        attack: the attack: an :class:`~freeadv_pl.AttackSpec` with ``steps`` ≥ 1, an
+            :class:`~freeadv_pl.AutoAttackSpec` or an attack of your own (:class:`~freeadv_pl.EvaluationAttack`);
+            None: PGD-20 with step ε/4 and a random start.
         epsilon: the radius (a float or ``"8/255"``; at most 1 in L∞, any finite number ≥ 0 in L2); None takes the
             training module's ``epsilon`` (required when the module has none, e.g. ``NaturalModule``). An
             ``epsilon`` set in ``attack`` wins over both.
@@ -67,7 +69,7 @@ class AdversarialExamplesLogger(Callback):
         ValueError: on ``every_n_epochs`` or ``num_images`` < 1, an attack with 0 steps, an unknown norm, an ε (for
             the norm) or scale out of range,
             an empty ``class_names``; at the first logging, when no ε is given and the module has none.
-        TypeError: when ``attack`` is not an ``AttackSpec``.
+        TypeError: when ``attack`` lacks a member of :class:`~freeadv_pl.EvaluationAttack`.
 
     Example:
         >>> callback = AdversarialExamplesLogger(every_n_epochs=2, num_images=8, epsilon=0.1)
@@ -87,7 +89,7 @@ class AdversarialExamplesLogger(Callback):
         self,
         every_n_epochs: int = 1,
         num_images: int = 8,
-        attack: AttackSpec | None = None,
+        attack: SuiteAttack | None = None,
         epsilon: float | str | None = None,
         perturbation_scale: float | None = None,
         class_names: Sequence[str] | None = None,
@@ -161,11 +163,11 @@ class AdversarialExamplesLogger(Callback):
     def _run(self, trainer: Trainer, pl_module: LightningModule) -> None:
         threat = _shared.threat(self, pl_module)
         attack = _shared.resolved_attack(self.attack, threat, self)
-        epsilon = attack.epsilon_for(_shared.epsilon(self, pl_module, [attack], threat))
+        epsilon = _shared.own_epsilon(attack, _shared.epsilon(self, pl_module, [attack], threat))
         x, y = self._fixed_examples(trainer)
         x, y = x.to(pl_module.device), y.to(pl_module.device)
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        x_adv = attack(pl_module, x, y, epsilon, generator)  # pgd: eval mode, gradients on, modes restored
+        x_adv = attack(pl_module, x, y, epsilon, generator)  # eval mode, gradients on, modes restored
         with temporary_mode(pl_module, training=False), torch.no_grad():
             clean_prediction = pl_module(x).argmax(dim=1)
             adversarial_prediction = pl_module(x_adv).argmax(dim=1)

@@ -15,6 +15,7 @@ from freeadv_pl._suite import EXAMPLES, bind, count
 from freeadv_pl.attack_spec import AttackSpec
 from freeadv_pl.attacks import ModelMode
 from freeadv_pl.callbacks import _shared
+from freeadv_pl.evaluation import SuiteAttack
 from freeadv_pl.threat_models import threat_model
 
 _IN_CHECKPOINT = "the checkpoint's own weights"  # saved instead of a copy when the best weights are the module's
@@ -46,15 +47,17 @@ class CatastrophicOverfittingGuard(Callback):
     gain falls below the threshold.
 
     Args:
-        attack: the attack (:class:`~freeadv_pl.AttackSpec` with ``steps`` ≥ 1); by default the reference code's
-            PGD-5 with step ε/4.
+        attack: the attack: an :class:`~freeadv_pl.AttackSpec` with ``steps`` ≥ 1, an
+            :class:`~freeadv_pl.AutoAttackSpec` or an attack of your own (:class:`~freeadv_pl.EvaluationAttack`); by
+            default the reference code's PGD-5 with step ε/4.
         threshold: the drop of accuracy (a fraction, 0.2 = 20 points) below the best that triggers the guard.
         epsilon: the radius in pixel units (at most 1 in L∞, any finite number ≥ 0 in L2); None takes the
             module's ``epsilon``. One set in ``attack`` wins.
         num_samples: how many images of the first training batch to attack; None means all of them.
         restore_best: load the best weights back into the module when the guard fires.
         model_mode: the model's mode during the check, ``"eval"`` or ``"train"`` (the reference code's, which
-            updates batch-norm running statistics with the attacked batch).
+            updates batch-norm running statistics with the attacked batch; for an attack that takes ``model_mode``,
+            as ``AttackSpec`` does).
         seed: seed of the random starts.
         alignment_threshold: None: watch the attack's accuracy. A cosine in [−1, 1]: watch the gradient alignment
             (no attack runs, and ``attack``, ``threshold``, ``epsilon``, ``num_samples``, ``model_mode`` and
@@ -65,10 +68,10 @@ class CatastrophicOverfittingGuard(Callback):
 
     Raises:
         ValueError: on a ``threshold`` outside (0, 1], an attack with 0 steps, ``num_samples`` < 1, an unknown
-            ``model_mode`` or ``norm``, an ε outside the norm's range, an ``alignment_threshold`` outside [−1, 1],
+            ``model_mode`` or ``norm``, ``model_mode="train"`` with an attack that takes no ``model_mode``, an ε outside the norm's range, an ``alignment_threshold`` outside [−1, 1],
             a ``gain_threshold`` ≤ 0 or not finite, both thresholds, or (at fit start) no ``epsilon`` given to a
             module that has none; with either threshold, at an epoch's end when the module recorded no such signal.
-        TypeError: when ``attack`` is not an ``AttackSpec``.
+        TypeError: when ``attack`` lacks a member of :class:`~freeadv_pl.EvaluationAttack`.
 
     Example:
         In Python, ``Trainer(callbacks=[CatastrophicOverfittingGuard(AttackSpec(steps=10), threshold=0.2)])``; in
@@ -87,7 +90,7 @@ class CatastrophicOverfittingGuard(Callback):
 
     def __init__(
         self,
-        attack: AttackSpec = PGD5,
+        attack: SuiteAttack = PGD5,
         threshold: float = 0.2,
         epsilon: float | str | None = None,
         num_samples: int | None = None,
@@ -133,6 +136,12 @@ class CatastrophicOverfittingGuard(Callback):
         self.num_samples = None if num_samples is None else check_int(num_samples, "num_samples", minimum=1)
         self.restore_best = restore_best
         self.model_mode = check_choice(model_mode, "model_mode", ("eval", "train"))
+        if self.model_mode == "train" and not _shared.takes_model_mode(self.attack):
+            raise ValueError(
+                f"model_mode='train' needs an attack that runs with the model in training mode, and "
+                f"{type(self.attack).__name__} takes no model_mode: use an AttackSpec (e.g. AttackSpec(steps=5)), give "
+                "your attack's __call__ a model_mode argument, or keep model_mode='eval'."
+            )
         self.seed = seed
         self.best_accuracy: float | None = None
         self.best_epoch: int | None = None
@@ -183,7 +192,7 @@ class CatastrophicOverfittingGuard(Callback):
         self.history = list(state_dict["history"])
         self._best_state = state_dict["best_state"]
 
-    def _attack_and_epsilon(self, pl_module: LightningModule) -> tuple[AttackSpec, float]:
+    def _attack_and_epsilon(self, pl_module: LightningModule) -> tuple[SuiteAttack, float]:
         """The attack in the evaluation's threat model, and its ε."""
         threat = _shared.threat(self, pl_module)
         attack = _shared.resolved_attack(self.attack, threat, self)
@@ -191,7 +200,8 @@ class CatastrophicOverfittingGuard(Callback):
 
     def _run_check(self, trainer: Trainer, pl_module: LightningModule) -> None:
         attack, epsilon = self._attack_and_epsilon(pl_module)
-        attacks = bind([attack], pl_module, epsilon, model_mode=self.model_mode)
+        options = {"model_mode": self.model_mode} if _shared.takes_model_mode(attack) else {}
+        attacks = bind([attack], pl_module, epsilon, **options)
         counts = count(pl_module, [self._batch], attacks, seed=self.seed, training=self.model_mode == "train")
         correct, total = _shared.summed(trainer, pl_module.device, [counts[attack.key], counts[EXAMPLES]])
         accuracy, epoch = float(correct / total), trainer.current_epoch
