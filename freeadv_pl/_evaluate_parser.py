@@ -14,6 +14,7 @@ from lightning.pytorch import LightningDataModule
 
 from freeadv_pl.evaluation import ATTACK_PRESETS
 from freeadv_pl.recipes import find_recipe
+from freeadv_pl.threat_models import Norm
 
 
 def evaluate_parser() -> ArgumentParser:
@@ -63,9 +64,7 @@ def evaluate_parser() -> ArgumentParser:
         help="AutoAttack's code: official (Croce & Hein's, as RobustBench) or torchattacks' port (default: official)",
     )
     parser.add_argument("--epsilon", type=float | str, required=True, help="the radius, e.g. 0.1 or 8/255")
-    parser.add_argument(
-        "--norm", type=Literal["linf", "l2"], default="linf", help="the threat model of the attacks that name none"
-    )
+    parser.add_argument("--norm", type=Norm, default="linf", help="the threat model of the attacks that name none")
     parser.add_argument(
         "--num_samples", type=PositiveInt | None, default=None, help="evaluate this many test images (default: all)"
     )

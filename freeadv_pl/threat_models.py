@@ -12,13 +12,14 @@ This module imports nothing from Lightning.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from freeadv_pl._checks import as_number, as_pixel_fraction, check_choice
 
-__all__ = ["L2", "THREAT_MODELS", "LInf", "ThreatModel", "check_radius", "format_pixels", "threat_model"]
+__all__ = ["L2", "THREAT_MODELS", "LInf", "Norm", "ThreatModel", "check_radius", "format_pixels", "threat_model"]
 
 _TINY = 1e-12  # the smallest gradient or perturbation norm divided by
 
@@ -160,6 +161,9 @@ def _norms(tensor: Tensor) -> Tensor:
 
 THREAT_MODELS: dict[str, ThreatModel] = {"linf": LInf(), "l2": L2()}
 """The threat models by the name the API and configs take (``norm="linf"``)."""
+Norm = Literal["linf", "l2"]
+"""A threat model's name, as the modules' and commands' ``norm`` arguments take it: one per key of
+:data:`THREAT_MODELS` (the command line lists them in ``--help`` and refuses others)."""
 
 
 def threat_model(norm: str | ThreatModel = "linf") -> ThreatModel:

@@ -1,5 +1,5 @@
 """The files of a folder of class folders (torchvision's ImageFolder layout): the layout checks, the listing of the
-images, their per-channel statistics and the dataset that reads them (used by
+images, the test split held out of ``train/`` when there is no test folder, and the dataset that reads them (used by
 :class:`~freeadv_pl.data.image_folder.ImageFolderDataModule`)."""
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from freeadv_pl.attacks import ModelMode
 from freeadv_pl.losses import TrainingLoss
 from freeadv_pl.modules._attacked_batch import AttackedBatchModule
 from freeadv_pl.modules._perturbation import StoredPerturbation
-from freeadv_pl.threat_models import threat_model
+from freeadv_pl.threat_models import Norm, threat_model
 
 FastInit = Literal["uniform", "zero", "previous"]
 
@@ -60,7 +60,7 @@ class FastAdversarialModule(AttackedBatchModule):
         step_size: float | str | None = None,
         init: FastInit = "uniform",
         attack_mode: ModelMode | None = None,
-        norm: Literal["linf", "l2"] = "linf",
+        norm: Norm = "linf",
         loss: Literal["ce", "trades"] | TrainingLoss = "ce",
         trades_beta: float = 6.0,
         **kwargs: Any,

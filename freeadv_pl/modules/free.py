@@ -18,7 +18,7 @@ from freeadv_pl.modules._cuda_graph import ReplayGraph, graph_blocker
 from freeadv_pl.modules._delta_bank import PerturbationBank, require_index, training_set_shape
 from freeadv_pl.modules._perturbation import StoredPerturbation
 from freeadv_pl.modules.base import ClassifierModule
-from freeadv_pl.threat_models import threat_model
+from freeadv_pl.threat_models import Norm, threat_model
 
 
 class FreeAdversarialModule(ClassifierModule):
@@ -86,7 +86,7 @@ class FreeAdversarialModule(ClassifierModule):
         replays: int = 8,
         epsilon: float | str = 8 / 255,
         step_size: float | str | None = None,
-        norm: Literal["linf", "l2"] = "linf",
+        norm: Norm = "linf",
         loss: Literal["ce", "trades"] | TrainingLoss = "ce",
         trades_beta: float = 6.0,
         delta_memory: Literal["batch", "example"] = "batch",

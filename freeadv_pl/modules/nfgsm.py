@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from freeadv_pl.attacks import ModelMode
 from freeadv_pl.data.batch import unpack_batch
 from freeadv_pl.modules._checks import TRADES_ELSEWHERE, refuse_options
 from freeadv_pl.modules.base import ClassifierModule
-from freeadv_pl.threat_models import ThreatModel, threat_model
+from freeadv_pl.threat_models import Norm, ThreatModel, threat_model
 
 
 class NoiseFGSMModule(ClassifierModule):
@@ -66,7 +66,7 @@ class NoiseFGSMModule(ClassifierModule):
         step_size: float | str | None = None,
         noise_scale: float = 2.0,
         clip: float | str | None = None,
-        norm: Literal["linf", "l2"] = "linf",
+        norm: Norm = "linf",
         attack_mode: ModelMode = "train",
         **kwargs: Any,
     ) -> None:

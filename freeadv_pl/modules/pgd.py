@@ -10,6 +10,7 @@ from torch import Tensor
 from freeadv_pl.attacks import ModelMode
 from freeadv_pl.losses import TRADES, TrainingLoss
 from freeadv_pl.modules._attacked_batch import AttackedBatchModule
+from freeadv_pl.threat_models import Norm
 
 TRADES_START = 0.001
 """The scale of the TRADES authors' start, δ = 0.001·N(0, I) (then projected onto the ball and [0, 1])."""
@@ -61,7 +62,7 @@ class PGDAdversarialModule(AttackedBatchModule):
         step_size: float | str = 2 / 255,
         random_start: bool = True,
         attack_mode: ModelMode | None = None,
-        norm: Literal["linf", "l2"] = "linf",
+        norm: Norm = "linf",
         loss: Literal["ce", "trades"] | TrainingLoss = "ce",
         trades_beta: float = 6.0,
         **kwargs: Any,
