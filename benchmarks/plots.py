@@ -172,7 +172,11 @@ def plot_autoattack(results: Path, out: Path) -> Path:
     names = []
     for info, row in parts:
         where = "CPU" if info["device"].startswith("CPU") else info["device"].replace("NVIDIA ", "")
-        names.append(f"{row['method']}\n{row['epochs']} epochs, {row['passes']:,} passes\n{where}, {_dates(info)}")
+        code = "official code" if "official" in info["attacks"]["AutoAttack"] else "torchattacks' port"
+        names.append(
+            f"{row['method']}\n{row['epochs']} epochs, {row['passes']:,} passes\n{where}, {_dates(info)}\n"
+            f"AutoAttack: {code}"
+        )
     axis.set_xticks(range(len(parts)), names, fontsize=7)
     axis.set_ylabel("accuracy (%), L∞ ε = 0.1")
     axis.set_ylim(0, 100)

@@ -18,6 +18,7 @@ from freeadv_pl.data._folder_files import (
 )
 from freeadv_pl.data._folder_transforms import crop_padding, folder_eval_transform, folder_train_transform
 from freeadv_pl.data._image_sample import (
+    channel_statistics,
     detected_channels,
     given_statistics,
     image_headers,
@@ -27,6 +28,8 @@ from freeadv_pl.data._image_sample import (
 )
 from freeadv_pl.data.augmentation import RandomCropFlip
 from freeadv_pl.data.base import Transform, VisionDataModule
+
+__all__ = ["AUGMENTATIONS", "ImageFolderDataModule", "channel_statistics", "check_image_folder_layout"]
 
 _TEST_FOLDERS = ("test", "val")
 """The folders looked for, in this order, as the test split when ``test_split`` is None."""
