@@ -29,7 +29,7 @@ from freeadv_pl.modules import (
     PriorGuidedFGSMModule,
 )
 
-__version__ = "0.5.1"
+__version__ = "0.6.0"
 
 __all__ = [
     "ATTACK_PRESETS",

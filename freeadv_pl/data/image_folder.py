@@ -29,7 +29,7 @@ from freeadv_pl.data._image_sample import (
 from freeadv_pl.data.augmentation import RandomCropFlip
 from freeadv_pl.data.base import Transform, VisionDataModule
 
-__all__ = ["AUGMENTATIONS", "ImageFolderDataModule", "channel_statistics", "check_image_folder_layout"]
+__all__ = ["ImageFolderDataModule", "channel_statistics", "check_image_folder_layout"]
 
 _TEST_FOLDERS = ("test", "val")
 """The folders looked for, in this order, as the test split when ``test_split`` is None."""

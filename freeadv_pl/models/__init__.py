@@ -1,6 +1,7 @@
 """Backbones, the input-normalization wrapper, and backbones by name or from a file with pretrained weights."""
 
-from freeadv_pl.models.heads import replace_head
+from freeadv_pl.models._heads import replace_head
+from freeadv_pl.models._weights_file import load_backbone_weights
 from freeadv_pl.models.normalization import InputNormalization
 from freeadv_pl.models.preact_resnet import PreActResNet18
 from freeadv_pl.models.pretrained import (
@@ -12,7 +13,6 @@ from freeadv_pl.models.pretrained import (
     torchvision_backbone,
 )
 from freeadv_pl.models.small_cnn import SmallCNN
-from freeadv_pl.models.weights_file import load_backbone_weights
 from freeadv_pl.models.wide_resnet import WideResNet
 
 __all__ = [

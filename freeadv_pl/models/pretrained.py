@@ -21,9 +21,9 @@ from jsonargparse import class_from_function
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from freeadv_pl.models.heads import head_classes, set_classes
+from freeadv_pl.models._heads import head_classes, set_classes
+from freeadv_pl.models._weights_file import load_weights_file
 from freeadv_pl.models.normalization import InputNormalization
-from freeadv_pl.models.weights_file import load_weights_file
 
 # What makes a ``weights`` string a file rather than the name of published weights.
 _FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")

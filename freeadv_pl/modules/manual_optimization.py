@@ -17,6 +17,8 @@ from freeadv_pl._checks import check_choice
 from freeadv_pl._lightning_compat import count_optimizer_step
 from freeadv_pl.modules._step_path import direct_step_blocker
 
+__all__ = ["check_trainer_for_manual_optimization", "default_optimizer"]
+
 _SGD_FUSES = "fused" in inspect.signature(SGD).parameters  # torch >= 2.3
 
 

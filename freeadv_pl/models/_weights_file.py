@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from freeadv_pl.models.heads import head_classes, head_of, replace_head
+from freeadv_pl.models._heads import head_classes, head_of, replace_head
 
 Statistics = tuple[list[float], list[float]]
 
