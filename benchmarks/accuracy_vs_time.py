@@ -176,14 +176,12 @@ def flagged_by(row: dict[str, Any]) -> str:
     return ", ".join(flag.split(":")[0] for flag in row.get("AutoAttack flags", []))
 
 
-AUTOATTACK = AutoAttackSpec()
-
-
-def _autoattack_pair(epsilon: float, norm: str) -> tuple[AttackSpec, AutoAttackSpec]:
-    """PGD-20 (step ε/4) and AutoAttack's standard version in ``norm``'s threat model."""
+def _autoattack_pair(epsilon: float, norm: str, implementation: str) -> tuple[AttackSpec, AutoAttackSpec]:
+    """PGD-20 (step ε/4) and AutoAttack's standard version (run by ``implementation``) in ``norm``'s threat model."""
+    autoattack = AutoAttackSpec(norm=norm, implementation=implementation)
     if norm == "linf":
-        return TEST_ATTACKS["PGD-20"], AUTOATTACK
-    return AttackSpec(steps=20, step_size=epsilon / 4, norm=norm), AutoAttackSpec(norm=norm)
+        return TEST_ATTACKS["PGD-20"], autoattack
+    return AttackSpec(steps=20, step_size=epsilon / 4, norm=norm), autoattack
 
 
 def autoattack_subset(dataset: Dataset, size: int, seed: int) -> Subset:
@@ -193,19 +191,26 @@ def autoattack_subset(dataset: Dataset, size: int, seed: int) -> Subset:
 
 
 def autoattack_columns(
-    module: LightningModule, subset: Subset, seed: int, epsilon: float = EPSILON, norm: str = "linf"
+    module: LightningModule,
+    subset: Subset,
+    seed: int,
+    epsilon: float = EPSILON,
+    norm: str = "linf",
+    implementation: str = "official",
 ) -> dict[str, float]:
     """AutoAttack's accuracy (%), PGD-20's on the same images, and the gap between them (PGD-20 − AutoAttack), in
-    ``norm``'s threat model."""
-    pgd20, autoattack = _autoattack_pair(epsilon, norm)
+    ``norm``'s threat model; AutoAttack run by ``implementation`` (``"official"`` or ``"torchattacks"``)."""
+    pgd20, autoattack = _autoattack_pair(epsilon, norm, implementation)
     scores = accuracy(module, subset, {"PGD-20 (AA images)": pgd20, "AutoAttack": autoattack}, seed, epsilon)
     return scores | {"PGD-20 − AutoAttack": scores["PGD-20 (AA images)"] - scores["AutoAttack"]}
 
 
-def autoattack_descriptions(subset: Subset, epsilon: float = EPSILON, norm: str = "linf") -> dict[str, str]:
+def autoattack_descriptions(
+    subset: Subset, epsilon: float = EPSILON, norm: str = "linf", implementation: str = "official"
+) -> dict[str, str]:
     """Column titles of :func:`autoattack_columns` for the results table."""
     on = f"on {len(subset):,} seeded test images"
-    pgd20, autoattack = _autoattack_pair(epsilon, norm)
+    pgd20, autoattack = _autoattack_pair(epsilon, norm, implementation)
     return {
         "PGD-20 (AA images)": f"{pgd20.describe(epsilon)} {on}",
         "AutoAttack": f"{autoattack.describe(epsilon)}, {on}",

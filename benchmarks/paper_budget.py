@@ -156,6 +156,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--autoattack-size", type=int, default=1000, help="test images for AutoAttack (standard version); 0: none"
     )
+    parser.add_argument(
+        "--autoattack-implementation",
+        choices=("official", "torchattacks"),
+        default="official",
+        help="AutoAttack's code: the official (pyautoattack) or torchattacks' port",
+    )
     args = parser.parse_args(argv)
     if args.merge:
         if not args.out:
@@ -192,13 +198,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     validation = Subset(data.val_set, range(min(args.val_eval_size, len(data.val_set))))
     aa_subset = autoattack_subset(data.test_set, args.autoattack_size, args.seed) if args.autoattack_size else None
     suffix = "" if norm == "linf" else f"_{norm}"
-    out = Path(args.out) if args.out else RESULTS / f"paper_budget_{args.device}{suffix}_eps{epsilon:g}".replace(".", "_")
+    out = (
+        Path(args.out) if args.out else RESULTS / f"paper_budget_{args.device}{suffix}_eps{epsilon:g}".replace(".", "_")
+    )
     info = machine(args.device, args)
     info.update(
         epsilon=epsilon,
         norm=norm,
         attacks={key: attack.describe(epsilon) for key, attack in test_attacks.items()}
-        | (autoattack_descriptions(aa_subset, epsilon, norm) if aa_subset is not None else {}),
+        | (
+            autoattack_descriptions(aa_subset, epsilon, norm, args.autoattack_implementation)
+            if aa_subset is not None
+            else {}
+        ),
         validation_attack=f"{validation_attack.describe(epsilon)} on {len(validation)} held-out training images",
         test_images=len(data.test_set),
         training_images=len(data.train_set),
@@ -224,7 +236,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             row.update(accuracy(module, validation, {"validation_pgd10": validation_attack}, args.seed, epsilon))
             row.update(accuracy(module, data.test_set, test_attacks, args.seed, epsilon))
             if aa_subset is not None:
-                row.update(autoattack_columns(module, aa_subset, args.seed, epsilon, norm))
+                row.update(
+                    autoattack_columns(module, aa_subset, args.seed, epsilon, norm, args.autoattack_implementation)
+                )
         rows.append(row)
         scores = ", ".join(f"{key} {row[key]:.2f}" for key in info["attacks"] if key in row) or "diverged"
         score = row.get("validation_pgd10", float("nan"))
@@ -239,7 +253,15 @@ def merge(parts: list[Path], out: Path) -> list[dict[str, Any]]:
     """One results file from the files of runs that shared the grid out (e.g. two processes on two cores): the rows
     of all, in the grid's order, each part's machine record kept under ``parts``."""
     loaded = [json.loads(Path(part).read_text()) for part in parts]
-    names = ["natural", "Free", "FGSM-RS", "PGD-7, natural's cost", "PGD-7", "PGD-10 TRADES, natural's cost", "PGD-10 TRADES"]
+    names = [
+        "natural",
+        "Free",
+        "FGSM-RS",
+        "PGD-7, natural's cost",
+        "PGD-7",
+        "PGD-10 TRADES, natural's cost",
+        "PGD-10 TRADES",
+    ]
     order = {name: rank for rank, name in enumerate(names)}
     rows = sorted(
         (row for part in loaded for row in part["rows"]),

@@ -170,12 +170,15 @@ def test_paper_budget_runs_on_a_tiny_size_and_merges_its_parts(tmp_path):
     assert len(saved["machine"]["parts"]) == 2 and saved["machine"]["training_images"] == 256
     assert "| Free-8 example, step 0.5ε, noise 1 | 1 |" in (tmp_path / "m.md").read_text()
     assert "AutoAttack, standard version" in (tmp_path / "m.md").read_text()
-    # --models: a second run loads the trained models instead of training them, and scores them alike.
+    # --models: a second run loads the trained models instead of training them, and scores them alike (here with
+    # torchattacks' port of AutoAttack).
     try:
-        again = paper_budget.main([*sizes, "--methods", "FGSM-RS", "--out", str(tmp_path / "c")])
+        port = ["--autoattack-implementation", "torchattacks"]
+        again = paper_budget.main([*sizes, "--methods", "FGSM-RS", *port, "--out", str(tmp_path / "c")])
     finally:
         torch.set_num_threads(threads)
     assert again[0]["cpu_minutes"] == second[0]["cpu_minutes"] and again[0]["PGD-20"] == second[0]["PGD-20"]
+    assert "torchattacks 3.5.1's port" in json.loads((tmp_path / "c.json").read_text())["machine"]["attacks"]["AutoAttack"]
     assert (tmp_path / "m.png").stat().st_size > 10_000
     # In L2 with TRADES rows: Free-2 TRADES (two passes a replay) runs N/4 epochs, natural's passes.
     l2 = [*sizes, "--norm", "l2", "--epsilon", "1.5", "--trades-pgd", "--free", "m=2,loss=trades"]
