@@ -111,7 +111,8 @@ def join_processes() -> tuple[int, int, bool]:
 
 
 def evaluation_device(requested: str | None) -> torch.device:
-    """The device asked for (default: cuda if available, else cpu); under torchrun a bare ``cuda`` is ``LOCAL_RANK``'s."""
+    """The device asked for (default: cuda if available, else cpu); under torchrun a bare ``cuda`` is
+    ``LOCAL_RANK``'s."""
     local = os.environ.get("LOCAL_RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     if requested is None:
         requested = "cuda" if torch.cuda.is_available() else "cpu"

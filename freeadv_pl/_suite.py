@@ -35,6 +35,12 @@ def needs_epsilon(attack: Any) -> bool:
     return attack.epsilon is None and getattr(attack, "perturbs", True)
 
 
+def own_epsilon(attack: Any, default: float) -> float:
+    """The radius ``attack`` runs at: its own ``epsilon`` (a number or a string like ``"8/255"``, checked against its
+    ``norm`` if it has one), else ``default``, the evaluation's."""
+    return default if attack.epsilon is None else check_radius(attack.epsilon, "epsilon", getattr(attack, "norm", None))
+
+
 def checked_epsilon(suite: Sequence[Any], epsilon: float | str, threat: ThreatModel) -> float:
     """The evaluation's ε as a number, checked against the threat model of every attack that takes it: the attack's
     own ``norm`` (set once resolved; optional for a user's attack), else ``threat``, the evaluation's."""

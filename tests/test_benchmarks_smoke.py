@@ -178,7 +178,8 @@ def test_paper_budget_runs_on_a_tiny_size_and_merges_its_parts(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert again[0]["cpu_minutes"] == second[0]["cpu_minutes"] and again[0]["PGD-20"] == second[0]["PGD-20"]
-    assert "torchattacks 3.5.1's port" in json.loads((tmp_path / "c.json").read_text())["machine"]["attacks"]["AutoAttack"]
+    scored_by = json.loads((tmp_path / "c.json").read_text())["machine"]["attacks"]["AutoAttack"]
+    assert "torchattacks 3.5.1's port" in scored_by
     assert (tmp_path / "m.png").stat().st_size > 10_000
     # In L2 with TRADES rows: Free-2 TRADES (two passes a replay) runs N/4 epochs, natural's passes.
     l2 = [*sizes, "--norm", "l2", "--epsilon", "1.5", "--trades-pgd", "--free", "m=2,loss=trades"]

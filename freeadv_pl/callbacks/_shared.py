@@ -96,11 +96,6 @@ def takes_model_mode(attack: Any) -> bool:
     return "model_mode" in parameters
 
 
-def own_epsilon(attack: Any, default: float) -> float:
-    """The radius ``attack`` runs at: its own ``epsilon`` (a number or a string like ``"8/255"``), else ``default``."""
-    return default if attack.epsilon is None else check_radius(attack.epsilon, "epsilon", getattr(attack, "norm", None))
-
-
 def first_loader(trainer: Trainer, stage: str) -> Any:
     """The first validation (``stage="validate"``) or test DataLoader, however Lightning holds them."""
     loaders = trainer.val_dataloaders if stage == "validate" else trainer.test_dataloaders

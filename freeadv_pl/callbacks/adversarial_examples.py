@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from freeadv_pl._checks import check_int
 from freeadv_pl._modes import temporary_mode
+from freeadv_pl._suite import own_epsilon
 from freeadv_pl.attack_spec import AttackSpec
 from freeadv_pl.callbacks import _shared
 from freeadv_pl.evaluation import SuiteAttack
@@ -163,7 +164,7 @@ class AdversarialExamplesLogger(Callback):
     def _run(self, trainer: Trainer, pl_module: LightningModule) -> None:
         threat = _shared.threat(self, pl_module)
         attack = _shared.resolved_attack(self.attack, threat, self)
-        epsilon = _shared.own_epsilon(attack, _shared.epsilon(self, pl_module, [attack], threat))
+        epsilon = own_epsilon(attack, _shared.epsilon(self, pl_module, [attack], threat))
         x, y = self._fixed_examples(trainer)
         x, y = x.to(pl_module.device), y.to(pl_module.device)
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)

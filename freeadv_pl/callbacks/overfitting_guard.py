@@ -68,8 +68,9 @@ class CatastrophicOverfittingGuard(Callback):
 
     Raises:
         ValueError: on a ``threshold`` outside (0, 1], an attack with 0 steps, ``num_samples`` < 1, an unknown
-            ``model_mode`` or ``norm``, ``model_mode="train"`` with an attack that takes no ``model_mode``, an ε outside the norm's range, an ``alignment_threshold`` outside [−1, 1],
-            a ``gain_threshold`` ≤ 0 or not finite, both thresholds, or (at fit start) no ``epsilon`` given to a
+            ``model_mode`` or ``norm``, ``model_mode="train"`` with an attack that takes no ``model_mode``, an ε
+            outside the norm's range, an ``alignment_threshold`` outside [−1, 1], a ``gain_threshold`` ≤ 0 or not
+            finite, both thresholds, or (at fit start) no ``epsilon`` given to a
             module that has none; with either threshold, at an epoch's end when the module recorded no such signal.
         TypeError: when ``attack`` lacks a member of :class:`~freeadv_pl.EvaluationAttack`.
 

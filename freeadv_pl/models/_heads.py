@@ -75,6 +75,6 @@ def set_classes(backbone: nn.Module, file_classes: int | None, num_classes: int)
         name = head_of(backbone)[0] or "head"
         replace_head(backbone, num_classes)
         rank_zero_info(
-            f"{type(backbone).__name__}'s head {name} ({file_classes} outputs) is replaced by a freshly initialised one "
-            f"with {num_classes}."
+            f"{type(backbone).__name__}'s head {name} ({file_classes} outputs) is replaced by a freshly initialised "
+            f"one with {num_classes}."
         )

@@ -30,7 +30,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> Statistics |
       ``model.backbone.*`` entries and the statistics its ``model.mean``/``model.std``.
 
     Every entry must fit: no key missing or left over, every shape equal, except the head, which takes the file's
-    number of classes (:func:`~freeadv_pl.models.replace_head`; the returned backbone then has as many outputs as the file).
+    number of classes (:func:`~freeadv_pl.models.replace_head`; the returned backbone then has as many outputs as the
+    file).
 
     Args:
         backbone: the network to fill, without :class:`InputNormalization` around it.
@@ -48,8 +49,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> Statistics |
 
 
 def load_weights_file(backbone: nn.Module, path: str | Path) -> tuple[int | None, Statistics | None]:
-    """Load ``path`` into ``backbone`` (:func:`~freeadv_pl.models.load_backbone_weights`); return the file's number of classes (that of
-    the head now) and its statistics."""
+    """Load ``path`` into ``backbone`` (:func:`~freeadv_pl.models.load_backbone_weights`); return the file's number
+    of classes (that of the head now) and its statistics."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(

@@ -47,8 +47,9 @@ def torchvision_backbone(
     Args:
         name: a name of ``torchvision.models.list_models()``, e.g. ``"resnet50"``.
         weights: None (random initialisation), ``"DEFAULT"``, the name of a weights enum member (``"IMAGENET1K_V2"``
-            or ``"ResNet50_Weights.IMAGENET1K_V2"``), or a weights file (see :func:`~freeadv_pl.models.load_backbone_weights`). Published
-            weights are downloaded into torch's hub cache (``torch.hub.get_dir()``) unless they are there already.
+            or ``"ResNet50_Weights.IMAGENET1K_V2"``), or a weights file (see
+            :func:`~freeadv_pl.models.load_backbone_weights`). Published weights are downloaded into torch's hub cache
+            (``torch.hub.get_dir()``) unless they are there already.
         num_classes: the number of logits; when it differs from the weights' (1,000 for ImageNet), the head is
             replaced by a freshly initialised one (:func:`~freeadv_pl.models.replace_head`). None: the weights' number.
         mean: per-channel means that replace the weights' (a file without statistics has none: give them here).
@@ -117,8 +118,8 @@ def timm_backbone(
         name: a name of ``timm.list_models()``, optionally with a weights tag (``"resnet18.a1_in1k"``).
         weights: None (random initialisation), ``"DEFAULT"`` (the tag in ``name``, else timm's default tag), a tag
             (``"a1_in1k"`` or ``"resnet18.a1_in1k"``; ``timm.list_pretrained("resnet18.*")`` lists them), or a weights
-            file (see :func:`~freeadv_pl.models.load_backbone_weights`). Published weights come from the Hugging Face hub (or a URL)
-            through timm's cache.
+            file (see :func:`~freeadv_pl.models.load_backbone_weights`). Published weights come from the Hugging Face
+            hub (or a URL) through timm's cache.
         num_classes: the number of logits; when it differs from the weights', the head is replaced by a fresh one
             (``reset_classifier``). None: the weights' number.
         mean: per-channel means that replace the weights' (a file without statistics has none: give them here).
@@ -187,8 +188,9 @@ def pretrained_backbone(
     Args:
         backbone: the network, built as the run that wrote the weights built it (the same class and arguments; the
             number of classes may differ).
-        weights: a weights file, as :func:`~freeadv_pl.models.load_backbone_weights` reads it; None: no file, ``backbone`` keeps its
-            weights (how ``load_from_checkpoint`` rebuilds a fine-tuned model before loading the checkpoint's).
+        weights: a weights file, as :func:`~freeadv_pl.models.load_backbone_weights` reads it; None: no file,
+            ``backbone`` keeps its weights (how ``load_from_checkpoint`` rebuilds a fine-tuned model before loading the
+            checkpoint's).
         num_classes: the number of logits; when it differs from the file's, the head is replaced by a fresh one
             (:func:`~freeadv_pl.models.replace_head`). None: the file's number.
         mean: per-channel means that replace the file's statistics, or give them to a file without any.
